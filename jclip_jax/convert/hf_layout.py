@@ -1,0 +1,197 @@
+"""A jina-clip checkpoint directory in the Hugging Face layout, both ways (spec §1 and §4).
+
+    DIR/config.json          jina-clip's schema (model_type "jina_clip")
+    DIR/model.safetensors    the torch state dict (395 tensors for v1; `logit_scale` 0-d)
+    DIR/tokenizer.json       HF tokenizers file (or tokenizer.model for sentencepiece)
+
+Reading and writing need only safetensors + numpy. Text-tower sizes are jina-bert-flash-implementation's
+defaults unless `text_config.hf_model_config_kwargs` overrides them, so tiny models use the same loader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from jclip_jax.convert import torch_layout
+from jclip_jax.models import configs
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+JINA_BERT_NAME = "jinaai/jina-bert-flash-implementation"
+# config.json text hyper-parameter name -> our text config field (same names, listed for clarity).
+TEXT_KWARGS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "type_vocab_size", "layer_norm_eps", "pad_token_id", "hidden_dropout_prob")
+# vision_config flags that select the EVA02 variant we implement: field -> the only supported value.
+VISION_FIXED = {"naive_swiglu": True, "subln": True, "rope_embeddings": True, "qkv_bias": True,
+                "post_norm": False, "ls_init_value": None, "proj_type": None}
+
+
+def config_to_hf(cfg) -> dict:
+    """Our ConfigDict -> jina-clip config.json dict."""
+    defaults = configs.text_config()
+    kwargs = {"use_flash_attn": False}
+    kwargs.update({k: cfg.text[k] for k in TEXT_KWARGS if cfg.text[k] != defaults[k]})
+    v = cfg.vision
+    out = {
+        "architectures": ["JinaCLIPModel"],
+        "model_type": "jina_clip",
+        "add_projections": bool(cfg.add_projections),
+        "projection_dim": int(cfg.projection_dim),
+        "logit_scale_init_value": float(cfg.logit_scale_init_value),
+        "initializer_factor": 1.0,
+        "torch_dtype": "float32",
+        "text_config": {
+            "embed_dim": int(cfg.text.hidden_size),
+            "hf_model_name_or_path": JINA_BERT_NAME,
+            "hf_model_config_kwargs": kwargs,
+            "pooler_type": "mean_pooler",
+            "proj_type": None,
+            "proj_bias": False,
+        },
+        "vision_config": {
+            "embed_dim": int(v.width), "width": int(v.width), "layers": int(v.layers),
+            "head_width": int(v.head_width), "mlp_ratio": float(v.mlp_ratio),
+            "image_size": int(v.image_size), "patch_size": int(v.patch_size),
+            "pt_hw_seq_len": int(v.pt_hw_seq_len),
+            # our RoPE always rescales the grid to pt_hw_seq_len; jina-clip only does so with intp_freq
+            "intp_freq": bool(v.intp_freq or v.pt_hw_seq_len != v.image_size // v.patch_size),
+            "patch_dropout": float(v.patch_dropout), "drop_path_rate": 0.0, "fused_layer_norm": False,
+            "x_attention": False, **VISION_FIXED,
+        },
+    }
+    if cfg.matryoshka_dimensions:
+        out["matryoshka_dimensions"] = [int(d) for d in cfg.matryoshka_dimensions]
+    return out
+
+
+def config_from_hf(hf: dict, source: str = CONFIG_FILE) -> ml_collections.ConfigDict:
+    """jina-clip config.json dict -> our ConfigDict; unsupported variants fail naming the field."""
+    def need(d, key, where):
+        if key not in d:
+            raise ValueError(f"{source}: missing field {where}{key}")
+        return d[key]
+
+    tc, vc = need(hf, "text_config", ""), need(hf, "vision_config", "")
+    name = tc.get("hf_model_name_or_path", JINA_BERT_NAME)
+    if "jina-bert" not in name:
+        raise ValueError(f"{source}: text_config.hf_model_name_or_path={name!r} is not supported; only the "
+                         "Jina-BERT-v2 (ALiBi) text tower of jina-clip-v1 is implemented")
+    if tc.get("pooler_type", "mean_pooler") != "mean_pooler":
+        raise ValueError(f"{source}: text_config.pooler_type={tc['pooler_type']!r}; only mean_pooler is supported")
+    kwargs = dict(tc.get("hf_model_config_kwargs") or {})
+    text = configs.text_config(**{k: kwargs[k] for k in TEXT_KWARGS if k in kwargs})
+    for k, want in VISION_FIXED.items():
+        if k in vc and vc[k] != want:
+            raise ValueError(f"{source}: vision_config.{k}={vc[k]!r} is not supported (only {want!r})")
+    vision = configs.vision_config(
+        image_size=need(vc, "image_size", "vision_config."), patch_size=need(vc, "patch_size", "vision_config."),
+        width=need(vc, "width", "vision_config."), layers=need(vc, "layers", "vision_config."),
+        head_width=need(vc, "head_width", "vision_config."), mlp_ratio=need(vc, "mlp_ratio", "vision_config."),
+        pt_hw_seq_len=vc.get("pt_hw_seq_len", 16), intp_freq=vc.get("intp_freq", False),
+        patch_dropout=vc.get("patch_dropout", 0.0),
+    )
+    cfg = configs.clip_config(
+        text=text, vision=vision, add_projections=bool(hf.get("add_projections", False)),
+        projection_dim=int(hf.get("projection_dim", text.hidden_size)),
+        logit_scale_init_value=float(hf.get("logit_scale_init_value", 2.6592)),
+        matryoshka_dimensions=tuple(hf.get("matryoshka_dimensions") or ()),
+    )
+    if not cfg.add_projections and text.hidden_size != vision.width:
+        raise ValueError(f"{source}: without projections the towers must agree in width; text hidden_size="
+                         f"{text.hidden_size}, vision width={vision.width}")
+    if not vision.intp_freq and vision.pt_hw_seq_len != vision.image_size // vision.patch_size:
+        raise ValueError(f"{source}: vision_config.pt_hw_seq_len={vision.pt_hw_seq_len} must equal the patch grid "
+                         f"{vision.image_size // vision.patch_size} when intp_freq is false")
+    return cfg
+
+
+def flax_params(model) -> dict[tuple[str, ...], jax.Array]:
+    """Flat {path: array} of a model's nnx.Param values."""
+    return {tuple(str(p) for p in path): v.get_value() for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def abstract_model(model_cls, cfg, tokenizer=None):
+    """The model's graph with ShapeDtypeStruct params: nothing is allocated or initialised."""
+    return nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0), tokenizer=tokenizer))
+
+
+def merge_params(abstract, params: dict[tuple[str, ...], np.ndarray]):
+    """Fill an abstract model's params with arrays (cast to each param's dtype)."""
+    graphdef, state = nnx.split(abstract)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        key = tuple(str(p) for p in path)
+        if key in params:
+            var = var.replace(jnp.asarray(params[key], dtype=var.dtype))
+        elif isinstance(var.get_value(), jax.ShapeDtypeStruct):
+            raise ValueError(f"no value for parameter {'/'.join(key)}")
+        flat.append((path, var))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def read_config(directory) -> ml_collections.ConfigDict:
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {os.fspath(directory)!r}")
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from e
+    return config_from_hf(hf, source=path)
+
+
+def read_state_dict(path) -> dict[str, np.ndarray]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"weights file not found: {os.fspath(path)!r}")
+    return load_file(path)
+
+
+def load_tokenizer(directory):
+    from jclip_jax.tokenizer import TextTokenizer
+
+    for name in TOKENIZER_FILES:
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            return TextTokenizer(path)
+    return None
+
+
+def load_pretrained(model_cls, directory, **overrides):
+    directory = os.fspath(directory)
+    cfg = read_config(directory)
+    for k, v in overrides.items():
+        if k not in ("dtype", "param_dtype", "remat", "scan_layers"):
+            raise ValueError(f"from_pretrained: unknown option {k!r} (dtype, param_dtype, remat, scan_layers)")
+        cfg[k] = v
+    weights = os.path.join(directory, WEIGHTS_FILE)
+    state_dict = read_state_dict(weights)
+    abstract = abstract_model(model_cls, cfg, tokenizer=load_tokenizer(directory))
+    shapes = {k: tuple(v.shape) for k, v in flax_params(abstract).items()}
+    torch_layout.check_keys(cfg, state_dict, shapes, what=weights)
+    return merge_params(abstract, torch_layout.to_flax(cfg, state_dict, shapes))
+
+
+def save_pretrained(model, directory) -> None:
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump(config_to_hf(model.cfg), f, indent=2)
+    params = {k: np.asarray(jax.device_get(v), np.float32) for k, v in flax_params(model).items()}
+    state_dict = {k: np.array(v, order="C") for k, v in torch_layout.to_torch(model.cfg, params).items()}
+    save_file(state_dict, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None:
+        target = "tokenizer.model" if tok.path.endswith(".model") else "tokenizer.json"
+        dst = os.path.join(directory, target)
+        if os.path.abspath(tok.path) != os.path.abspath(dst):
+            shutil.copyfile(tok.path, dst)

@@ -1,0 +1,190 @@
+"""The one training format: ArrayRecord shards of msgpack records, plus a `manifest.json` per directory.
+
+A prepared directory holds records of one kind, grouped by source dataset (text-pair batches are drawn from
+one dataset at a time, so each dataset gets its own shards):
+
+    DIR/manifest.json                       {"format": "jclip-records", "version": 1, "kind": ...,
+                                             "datasets": {name: {"files": [...], "count": n}},
+                                             "written": N, "skipped": {reason: count}}
+    DIR/<dataset>-00000.array_record        msgpack maps, schema below
+
+Record schemas (every record carries "v", the schema version, and "kind"):
+
+    image_text: {"key": str, "image": bytes (the original encoded file), "captions": [str, ...]}
+    text_pair:  {"query": str, "positive": str, "dataset": str}
+    triplet:    {"query": str, "positive": str, "negatives": [str] * 7, "dataset": str}
+
+Images stay encoded (JPEG/PNG/WebP bytes): decoding happens in the input pipeline's workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+
+import msgpack
+from array_record.python.array_record_module import ArrayRecordWriter
+
+FORMAT_NAME = "jclip-records"
+VERSION = 1
+KINDS = ("image_text", "text_pair", "triplet")
+NUM_NEGATIVES = 7  # paper §4.1: one positive and seven negatives per triplet
+MANIFEST = "manifest.json"
+# group_size:1 makes every record its own chunk, so random access (grain shuffles globally) reads one
+# record instead of decompressing a group of 65536.
+_WRITER_OPTIONS = "group_size:1"
+
+
+class RecordError(ValueError):
+    """A record that does not follow the schema; the message names the field and value."""
+
+
+def _require_str(record: Mapping, field: str, kind: str) -> str:
+    value = record.get(field)
+    if not isinstance(value, str) or not value.strip():
+        raise RecordError(f"{kind} record: field {field!r} must be a non-empty string, got {value!r:.80}")
+    return value
+
+
+def validate(record: Mapping) -> dict:
+    """Checks a record against the schema of its "kind"; returns it with "v" set. Raises RecordError."""
+    kind = record.get("kind")
+    if kind not in KINDS:
+        raise RecordError(f"record kind must be one of {KINDS}, got {kind!r}")
+    if kind == "image_text":
+        if not isinstance(record.get("image"), bytes) or not record["image"]:
+            raise RecordError("image_text record: field 'image' must be non-empty encoded image bytes")
+        captions = record.get("captions")
+        if (not isinstance(captions, list | tuple) or not captions
+                or not all(isinstance(c, str) and c.strip() for c in captions)):
+            raise RecordError(f"image_text record: 'captions' must be a non-empty list of strings, "
+                              f"got {captions!r:.80}")
+        out = {"key": str(record.get("key", "")), "image": record["image"], "captions": list(captions)}
+    else:
+        out = {
+            "query": _require_str(record, "query", kind),
+            "positive": _require_str(record, "positive", kind),
+            "dataset": _require_str(record, "dataset", kind),
+        }
+        if kind == "triplet":
+            negatives = record.get("negatives")
+            if (not isinstance(negatives, list | tuple) or len(negatives) != NUM_NEGATIVES
+                    or not all(isinstance(n, str) and n.strip() for n in negatives)):
+                raise RecordError(f"triplet record: 'negatives' must be a list of {NUM_NEGATIVES} "
+                                  f"non-empty strings, got {negatives!r:.120}")
+            out["negatives"] = list(negatives)
+    return {"v": VERSION, "kind": kind, **out}
+
+
+def encode(record: Mapping) -> bytes:
+    """Validated record -> msgpack bytes."""
+    return msgpack.packb(validate(record), use_bin_type=True)
+
+
+def decode(data: bytes) -> dict:
+    """msgpack bytes -> record dict. Refuses records written by a newer schema version."""
+    record = msgpack.unpackb(data, raw=False)
+    if not isinstance(record, dict) or "v" not in record:
+        raise RecordError(f"not a jclip record (no version field): {data[:40]!r}")
+    if record["v"] > VERSION:
+        raise RecordError(f"record schema version {record['v']} is newer than this code's {VERSION}")
+    return record
+
+
+def _safe_name(name: str) -> str:
+    """Dataset names become file-name prefixes."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "default"
+
+
+class RecordWriter:
+    """Writes validated records of one kind into sharded ArrayRecord files and a manifest.
+
+    Use as a context manager; `write(record)` routes by `record["dataset"]` (or `dataset` for image_text).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, kind: str, records_per_shard: int = 5000):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if records_per_shard < 1:
+            raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
+        self.output_dir = os.fspath(output_dir)
+        self.kind = kind
+        self.records_per_shard = records_per_shard
+        os.makedirs(self.output_dir, exist_ok=True)
+        if os.path.exists(os.path.join(self.output_dir, MANIFEST)):
+            raise FileExistsError(f"{self.output_dir!r} already holds a prepared dataset ({MANIFEST}); "
+                                  "choose an empty output directory")
+        self._open: dict[str, tuple[ArrayRecordWriter, int]] = {}  # dataset -> (writer, records in shard)
+        self._files: dict[str, list[str]] = {}
+        self._counts: dict[str, int] = {}
+        self.skipped: dict[str, int] = {}
+
+    @property
+    def written(self) -> int:
+        return sum(self._counts.values())
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def write(self, record: Mapping, dataset: str = "default") -> None:
+        data = encode({**record, "kind": self.kind})
+        name = record.get("dataset", dataset) if self.kind != "image_text" else dataset
+        writer, n = self._open.get(name, (None, 0))
+        if writer is None or n >= self.records_per_shard:
+            if writer is not None:
+                writer.close()
+            files = self._files.setdefault(name, [])
+            fname = f"{_safe_name(name)}-{len(files):05d}.array_record"
+            files.append(fname)
+            writer, n = ArrayRecordWriter(os.path.join(self.output_dir, fname), _WRITER_OPTIONS), 0
+        writer.write(data)
+        self._open[name] = (writer, n + 1)
+        self._counts[name] = self._counts.get(name, 0) + 1
+
+    def close(self) -> dict:
+        """Closes the shards, writes the manifest, returns the summary {"written": N, "skipped": {...}}."""
+        for writer, _ in self._open.values():
+            writer.close()
+        self._open = {}
+        manifest = {
+            "format": FORMAT_NAME,
+            "version": VERSION,
+            "kind": self.kind,
+            "datasets": {k: {"files": self._files[k], "count": self._counts[k]} for k in sorted(self._files)},
+            "written": self.written,
+            "skipped": dict(sorted(self.skipped.items())),
+        }
+        with open(os.path.join(self.output_dir, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+        return {"written": manifest["written"], "skipped": manifest["skipped"]}
+
+    def __enter__(self) -> RecordWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # no manifest for a half-written directory: it must not look prepared
+            for writer, _n in self._open.values():
+                writer.close()
+            self._open = {}
+
+
+def read_manifest(directory: str | os.PathLike, kind: str | None = None) -> dict:
+    """Loads DIR/manifest.json, checking format, version and (optionally) kind; paths become absolute."""
+    path = os.path.join(os.fspath(directory), MANIFEST)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path!r} not found: prepare the data with `jclip-prepare` first")
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path!r}: format {manifest.get('format')!r} is not {FORMAT_NAME!r}")
+    if manifest.get("version", 0) > VERSION:
+        raise ValueError(f"{path!r}: version {manifest['version']} is newer than this code's {VERSION}")
+    if kind is not None and manifest.get("kind") != kind:
+        raise ValueError(f"{path!r} holds {manifest.get('kind')!r} records, expected {kind!r}")
+    for entry in manifest["datasets"].values():
+        entry["paths"] = [os.path.join(os.fspath(directory), f) for f in entry["files"]]
+    return manifest
