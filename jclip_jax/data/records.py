@@ -120,6 +120,7 @@ class RecordWriter:
         self._files: dict[str, list[str]] = {}
         self._counts: dict[str, int] = {}
         self.skipped: dict[str, int] = {}
+        self._summary: dict | None = None
 
     @property
     def written(self) -> int:
@@ -144,7 +145,10 @@ class RecordWriter:
         self._counts[name] = self._counts.get(name, 0) + 1
 
     def close(self) -> dict:
-        """Closes the shards, writes the manifest, returns the summary {"written": N, "skipped": {...}}."""
+        """Closes the shards, writes the manifest, returns the summary {"written": N, "skipped": {...}}.
+        Idempotent: later calls return the same summary."""
+        if self._summary is not None:
+            return self._summary
         for writer, _ in self._open.values():
             writer.close()
         self._open = {}
@@ -158,7 +162,8 @@ class RecordWriter:
         }
         with open(os.path.join(self.output_dir, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
-        return {"written": manifest["written"], "skipped": manifest["skipped"]}
+        self._summary = {"written": manifest["written"], "skipped": manifest["skipped"]}
+        return self._summary
 
     def __enter__(self) -> RecordWriter:
         return self
