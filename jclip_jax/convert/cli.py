@@ -1,0 +1,116 @@
+"""jclip-convert: move weights between PyTorch formats and jclip-jax.
+
+  jclip-convert from-towers --model jina-clip-v1 --eva02 eva.safetensors --jina-bert bert.safetensors \
+      --tokenizer tokenizer.json --output DIR
+      Assemble a jina-clip HF directory from pretrained towers (the paper's stage-1 init): the image
+      tower from a timm EVA02 state dict, the text tower from a Jina-BERT-v2 state dict. A tower left out
+      keeps its random init (and is reported).
+  jclip-convert check DIR
+      Load a jina-clip HF directory (config.json + model.safetensors) and print a summary.
+
+Weight files: .safetensors is read with safetensors+numpy; .bin/.pt/.pth need torch (the `torch` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+
+def read_weights(path: str) -> dict[str, np.ndarray]:
+    """A state dict from .safetensors (no torch needed) or a torch pickle (.bin/.pt/.pth)."""
+    if not os.path.exists(path):
+        raise SystemExit(f"jclip-convert: file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        return load_file(path)
+    if path.endswith((".bin", ".pt", ".pth")):
+        try:
+            import torch
+        except ImportError as e:
+            raise SystemExit(f"jclip-convert: reading {path} needs torch (pip install torch==2.13.0), "
+                             "or convert it to .safetensors first") from e
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model", "module"):  # common wrappers of training checkpoints
+            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+                sd = sd[key]
+        return {k: v.float().numpy() for k, v in sd.items() if hasattr(v, "numpy")}
+    raise SystemExit(f"jclip-convert: unknown weights format {path!r} (.safetensors, .bin, .pt, .pth)")
+
+
+def from_towers(args) -> dict:
+    from flax import nnx
+
+    from jclip_jax import JinaCLIP
+    from jclip_jax.convert.towers import import_jina_bert_v2, import_timm_eva02
+    from jclip_jax.models import configs
+    from jclip_jax.tokenizer import TextTokenizer
+
+    tokenizer = TextTokenizer(args.tokenizer) if args.tokenizer else None
+    model = JinaCLIP(configs.get(args.model), rngs=nnx.Rngs(args.seed), tokenizer=tokenizer)
+    report = {"output": args.output, "model": args.model, "random_init": []}
+    if args.eva02:
+        report["eva02_ignored_keys"] = import_timm_eva02(model, read_weights(args.eva02), what=args.eva02)
+    else:
+        report["random_init"].append("vision_model")
+    if args.jina_bert:
+        report["jina_bert_ignored_keys"] = import_jina_bert_v2(model, read_weights(args.jina_bert),
+                                                               what=args.jina_bert)
+    else:
+        report["random_init"].append("text_model")
+    model.save_pretrained(args.output)
+    return report
+
+
+def check(args) -> dict:
+    from jclip_jax import JinaCLIP
+    from jclip_jax.convert.hf_layout import flax_params
+
+    model = JinaCLIP.from_pretrained(args.directory)
+    params = flax_params(model)
+    return {
+        "directory": args.directory,
+        "parameters": int(sum(np.prod(p.shape) for p in params.values())),
+        "embed_dim": model.embed_dim,
+        "image_size": model.cfg.vision.image_size,
+        "tokenizer": model.tokenizer.path if model.tokenizer else None,
+        "logit_scale": float(np.asarray(model.logit_scale[...])),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jclip-convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("from-towers", help="assemble a jina-clip directory from pretrained towers")
+    p.add_argument("--model", default="jina-clip-v1", help="model config name: jina-clip-v1 | tiny")
+    p.add_argument("--eva02", help="timm EVA02 state dict (e.g. eva02_base_patch16_clip_224)")
+    p.add_argument("--jina-bert", help="Jina-BERT-v2 state dict")
+    p.add_argument("--tokenizer", help="tokenizer.json (or sentencepiece .model) to ship alongside")
+    p.add_argument("--seed", type=int, default=0, help="init seed of anything not imported")
+    p.add_argument("--output", required=True)
+    p.set_defaults(run=from_towers)
+    p = sub.add_parser("check", help="load a jina-clip directory and summarise it")
+    p.add_argument("directory")
+    p.set_defaults(run=check)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = args.run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"jclip-convert: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
