@@ -97,16 +97,6 @@ def infonce_hard_negatives(q: jax.Array, p: jax.Array, negatives: jax.Array,
 # over (empty: one device); every function returns per-row log-sum-exps of the local rows.
 
 
-def _gather(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-    """Concatenate every device's rows (the gradient flows back as a reduce-scatter)."""
-    return jax.lax.all_gather(x, axes, tiled=True) if axes else x
-
-
-def _plain_logsumexp(rows: jax.Array, cols: jax.Array, scale, axes) -> jax.Array:
-    """(n, D) local rows x (m, D) local columns -> (n,) lse_j over all global columns of s rows_i.cols_j."""
-    return jax.nn.logsumexp(scale * (rows @ _gather(cols, axes).T), axis=1)
-
-
 def _tiles(x: jax.Array, tile: int) -> jax.Array:
     """(m, ...) -> (m // tile, tile, ...)."""
     return x.reshape(x.shape[0] // tile, tile, *x.shape[1:])
@@ -117,84 +107,95 @@ def _ring_step(x, axes, ring_size):
     return jax.lax.ppermute(x, axes, perm=[(i, (i + 1) % ring_size) for i in range(ring_size)])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _ring_logsumexp(rows, cols, scale, axes, ring_size, tile):
-    """(n, D) local rows x (m, D) local columns -> (n,) lse over all global columns, O(n x tile) memory."""
-    return _ring_logsumexp_fwd(rows, cols, scale, axes, ring_size, tile)[0]
+def _chunks(x, axes, ring_size, gather, body, init):
+    """Fold `body(chunk, acc)` over every device's chunk of the pytree x (this device's included).
+
+    gather=True: one all-gathered chunk (the plain form). gather=False: the chunks travel a ring,
+    one ppermute per step, so at most one foreign chunk is alive at a time (the tiled form).
+    """
+    if not axes:
+        return body(x, init)
+    if gather:
+        return body(jax.tree.map(lambda a: jax.lax.all_gather(a, axes, tiled=True), x), init)
+
+    def step(_, carry):
+        chunk, acc = carry
+        chunk = jax.tree.map(lambda a: _ring_step(a, axes, ring_size), chunk)
+        return chunk, body(chunk, acc)
+
+    return jax.lax.fori_loop(1, ring_size, step, (x, body(x, init)))[1]
 
 
-def _ring_logsumexp_fwd(rows, cols, scale, axes, ring_size, tile):
-    n = rows.shape[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _blockwise_logsumexp(rows, cols, scale, axes, ring_size, tile, gather):
+    """(n, D) local rows x (m, D) local columns -> (n,) lse_j over all global columns of s rows_i.cols_j.
 
+    Memory: one (n, tile) logits tile at a time (tile=None: a whole chunk). The backward pass recomputes
+    the logits instead of saving them.
+    """
+    return _blockwise_logsumexp_fwd(rows, cols, scale, axes, ring_size, tile, gather)[0]
+
+
+def _blockwise_logsumexp_fwd(rows, cols, scale, axes, ring_size, tile, gather):
     def add_chunk(chunk, running):
         def add_tile(running, col_tile):  # online log-sum-exp: running max m, running sum s of exp(x - m)
             m, s = running
-            logits = scale * (rows @ col_tile.T)  # (n, tile)
+            logits = scaled_rows @ col_tile.T  # (n, tile)
             m_new = jnp.maximum(m, jnp.max(logits, axis=1))
             s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]), axis=1)
             return (m_new, s), None
 
-        return jax.lax.scan(add_tile, running, _tiles(chunk, tile))[0]
+        return jax.lax.scan(add_tile, running, _tiles(chunk, tile or chunk.shape[0]))[0]
 
+    n = rows.shape[0]
+    scaled_rows = scale * rows  # scaling the (n, D) rows, not each (n, tile) logits tile
     running = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32))
-    if axes:  # the zeros/-inf constants are the same everywhere; the running values will differ per device
+    if axes:  # the -inf/0 constants are the same everywhere; the running values will differ per device
         running = jax.tree.map(lambda x: jax.lax.pcast(x, axes, to="varying"), running)
-    running = add_chunk(cols, running)
-
-    def next_chunk(_, carry):
-        chunk, running = carry
-        chunk = _ring_step(chunk, axes, ring_size)
-        return chunk, add_chunk(chunk, running)
-
-    if ring_size > 1:
-        _, running = jax.lax.fori_loop(1, ring_size, next_chunk, (cols, running))
-    m, s = running
+    m, s = _chunks(cols, axes, ring_size, gather, add_chunk, running)
     lse = m + jnp.log(s)
     return lse, (rows, cols, scale, lse)
 
 
-def _ring_logsumexp_bwd(axes, ring_size, tile, residuals, g):
+def _blockwise_logsumexp_bwd(axes, ring_size, tile, gather, residuals, g):
     """g (n,) = dLoss/dlse. With P_ij = exp(s r_i.c_j - lse_i):
-    d r_i = s sum_j g_i P_ij c_j   (columns travel the ring, as in the forward pass)
-    d c_j = s sum_i g_i P_ij r_i   (rows travel the ring with their lse and g; c_j stays home)
+    d r_i = s sum_j g_i P_ij c_j     (columns visit this device, as in the forward pass)
+    d c_j = s sum_i g_i P_ij r_i     (rows visit this device with their lse and g, so the gradient of a
+                                      column is computed where the column lives: no reduce-scatter)
     d s   = sum_ij g_i P_ij r_i.c_j  (this device's rows; the caller's pcast sums it over devices)
     """
-    rows, cols, scale, lse = residuals
+    # The barriers order the work so only one logits block is alive at a time: the backward pass starts
+    # after the forward pass (and XLA cannot CSE its recomputed logits with the forward ones, keeping
+    # them alive in between), and the columns' phase starts after the rows' phase.
+    rows, cols, scale, lse, g = jax.lax.optimization_barrier(residuals + (g,))
 
-    def rows_grad(chunk, acc):  # local rows against one chunk of columns
+    scaled_rows, scaled_cols = scale * rows, scale * cols
+
+    def rows_grad(col_chunk, acc):  # local rows against one chunk of columns
         def add_tile(acc, col_tile):
-            d_rows, d_scale = acc
-            dots = rows @ col_tile.T  # (n, tile)
-            weights = g[:, None] * jnp.exp(scale * dots - lse[:, None])
-            return (d_rows + scale * (weights @ col_tile), d_scale + jnp.sum(weights * dots)), None
+            weights = g[:, None] * jnp.exp(scaled_rows @ col_tile.T - lse[:, None])  # (n, tile)
+            return acc + weights @ col_tile, None
 
-        return jax.lax.scan(add_tile, acc, _tiles(chunk, tile))[0]
+        return jax.lax.scan(add_tile, acc, _tiles(col_chunk, tile or col_chunk.shape[0]))[0]
 
-    def cols_grad(row_chunk, acc):  # one chunk of rows (with their lse and g) against the local columns
+    def cols_grad(row_chunk, d_cols):  # one chunk of rows (with their lse and g) against the local columns
         def add_tile(d_cols, row_tile):
             r, r_lse, r_g = row_tile
-            weights = r_g[:, None] * jnp.exp(scale * (r @ cols.T) - r_lse[:, None])  # (tile, m)
+            weights = r_g[:, None] * jnp.exp(r @ scaled_cols.T - r_lse[:, None])  # (tile, m)
             return d_cols + scale * (weights.T @ r), None
 
-        return jax.lax.scan(add_tile, acc, jax.tree.map(lambda x: _tiles(x, tile), row_chunk))[0]
+        tiles = jax.tree.map(lambda x: _tiles(x, tile or row_chunk[0].shape[0]), row_chunk)
+        return jax.lax.scan(add_tile, d_cols, tiles)[0]
 
-    d_rows_scale = rows_grad(cols, (jnp.zeros_like(rows), jnp.zeros_like(scale)))
-    d_cols = cols_grad((rows, lse, g), jnp.zeros_like(cols))
-
-    def next_chunk(_, carry):
-        col_chunk, row_chunk, d_rows_scale, d_cols = carry
-        col_chunk = _ring_step(col_chunk, axes, ring_size)
-        row_chunk = jax.tree.map(lambda x: _ring_step(x, axes, ring_size), row_chunk)
-        return col_chunk, row_chunk, rows_grad(col_chunk, d_rows_scale), cols_grad(row_chunk, d_cols)
-
-    if ring_size > 1:
-        carry = (cols, (rows, lse, g), d_rows_scale, d_cols)
-        _, _, d_rows_scale, d_cols = jax.lax.fori_loop(1, ring_size, next_chunk, carry)
-    d_rows, d_scale = d_rows_scale
-    return d_rows, d_cols, d_scale
+    # weighted_cols_i = sum_j g_i P_ij c_j
+    weighted_cols = _chunks(cols, axes, ring_size, gather, rows_grad, jnp.zeros_like(rows))
+    rows, cols, lse, g, weighted_cols = jax.lax.optimization_barrier((rows, cols, lse, g, weighted_cols))
+    d_cols = _chunks((rows, lse, g), axes, ring_size, gather, cols_grad, jnp.zeros_like(cols))
+    # d s = sum_i r_i . (sum_j g_i P_ij c_j): no (n, tile) product of weights and logits needs keeping.
+    return scale * weighted_cols, d_cols, jnp.sum(rows * weighted_cols)
 
 
-_ring_logsumexp.defvjp(_ring_logsumexp_fwd, _ring_logsumexp_bwd)
+_blockwise_logsumexp.defvjp(_blockwise_logsumexp_fwd, _blockwise_logsumexp_bwd)
 
 
 def _local_rows_infonce(q, p, negatives, scale, *, axes, ring_size, implementation, tile_size):
@@ -203,18 +204,17 @@ def _local_rows_infonce(q, p, negatives, scale, *, axes, ring_size, implementati
     q, p: (n, D); negatives: (n, K, D) or None; scale: (). Returns the (unnormalised) local sum.
     """
     candidates = p if negatives is None else jnp.concatenate([p, negatives.reshape(-1, p.shape[-1])])
-    if implementation == "plain":
-        lse_q = _plain_logsumexp(q, candidates, scale, axes)
-        lse_p = _plain_logsumexp(p, q, scale, axes)
-    else:
-        if axes:  # scale is replicated; its per-device gradient contributions are summed by this cast
-            scale = jax.lax.pcast(scale, axes, to="varying")
-        n = q.shape[0]
-        for what, size in (("local batch", n), ("local candidates", candidates.shape[0])):
+    if implementation == "tiled" and tile_size is not None:
+        for what, size in (("local batch", q.shape[0]), ("local candidates", candidates.shape[0])):
             if size % tile_size:
                 raise ValueError(f"loss.tile_size={tile_size} must divide the {what} per device ({size})")
-        lse_q = _ring_logsumexp(q, candidates, scale, axes, ring_size, tile_size)
-        lse_p = _ring_logsumexp(p, q, scale, axes, ring_size, tile_size)
+    tile, gather = (None, True) if implementation == "plain" else (tile_size, False)
+    if axes:  # scale is replicated; this cast makes its backward sum the per-device contributions
+        scale = jax.lax.pcast(scale, axes, to="varying")
+    lse_q = _blockwise_logsumexp(q, candidates, scale, axes, ring_size, tile, gather)  # q -> all candidates
+    # One direction at a time (forward, and in reverse order backward): one logits block alive at once.
+    q, p, lse_q = jax.lax.optimization_barrier((q, p, lse_q))
+    lse_p = _blockwise_logsumexp(p, q, scale, axes, ring_size, tile, gather)  # p -> all queries
     positives = scale * jnp.sum(q * p, axis=-1)
     return jnp.sum(lse_q - positives) + jnp.sum(lse_p - positives)
 
@@ -224,19 +224,18 @@ def sharded_infonce(q: jax.Array, p: jax.Array, scale: jax.Array | float, negati
                     implementation: str = "plain", tile_size: int | None = None) -> jax.Array:
     """L_nce (negatives=None) or L_nce+ of the global batch, with the batch split over `batch_axes`.
 
-    q, p: (B, D); negatives: (B, K, D) or None; float32, L2-normalised; scale: (). The batch rows are
-    resharded to P(batch_axes) (other mesh axes hold replicas). Equals `infonce` /
-    `infonce_hard_negatives` on the gathered arrays. `tile_size` (tiled only) defaults to the local batch.
+    q, p: (B, D); negatives: (B, K, D) or None; float32, L2-normalised; scale: (). The rows are resharded
+    to P(batch_axes) (other mesh axes hold replicas). Equals `infonce` / `infonce_hard_negatives` on the
+    whole batch. `tile_size` (tiled only): columns per tile; None = one tile per device chunk.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"loss.implementation={implementation!r}; expected one of {IMPLEMENTATIONS}")
     axes = tuple(batch_axes)
     global_batch = q.shape[0]
     scale = jnp.asarray(scale, jnp.float32)
+    local = functools.partial(_local_rows_infonce, implementation=implementation, tile_size=tile_size)
     if not axes:  # one device (or the batch replicated): no collectives
-        tile = tile_size or global_batch
-        return _local_rows_infonce(q, p, negatives, scale, axes=(), ring_size=1,
-                                   implementation=implementation, tile_size=tile) / global_batch
+        return local(q, p, negatives, scale, axes=(), ring_size=1) / global_batch
     if mesh is None:
         raise ValueError(f"batch_axes={axes} needs a mesh")
     missing = [a for a in axes if a not in mesh.axis_names]
@@ -245,12 +244,10 @@ def sharded_infonce(q: jax.Array, p: jax.Array, scale: jax.Array | float, negati
     ring_size = math.prod(mesh.shape[a] for a in axes)
     if global_batch % ring_size:
         raise ValueError(f"global batch {global_batch} is not divisible by the {ring_size} devices of {axes}")
-    tile = tile_size or global_batch // ring_size
 
     def per_device(q, p, negatives, scale):
-        local = _local_rows_infonce(q, p, negatives, scale, axes=axes, ring_size=ring_size,
-                                    implementation=implementation, tile_size=tile)
-        return jax.lax.psum(local, axes) / global_batch
+        local_sum = local(q, p, negatives, scale, axes=axes, ring_size=ring_size)
+        return jax.lax.psum(local_sum, axes) / global_batch
 
     rows = P(axes)
     specs = (rows, rows, None if negatives is None else rows, P())
@@ -262,8 +259,8 @@ def sharded_infonce(q: jax.Array, p: jax.Array, scale: jax.Array | float, negati
 # Tasks, Matryoshka and the stage's joint loss.
 
 
-def matryoshka_infonce(q, p, scale, negatives=None, *, dims: Sequence[int] = (), weights: Sequence[float] = (),
-                       **sharding) -> jax.Array:
+def matryoshka_infonce(q, p, scale, negatives=None, *, dims: Sequence[int] = (),
+                       weights: Sequence[float] = (), **sharding) -> jax.Array:
     """Sum over prefixes d of weight_d * L(q[:, :d], p[:, :d], ...), each prefix re-normalised.
 
     q, p: (B, D), negatives (B, K, D) or None: raw (unnormalised) features. dims=() means the full
@@ -273,7 +270,8 @@ def matryoshka_infonce(q, p, scale, negatives=None, *, dims: Sequence[int] = (),
     dims = tuple(dims) or (full,)
     weights = tuple(weights) or (1.0,) * len(dims)
     if len(weights) != len(dims):
-        raise ValueError(f"loss.matryoshka_weights {weights} and loss.matryoshka_dims {dims} differ in length")
+        raise ValueError(f"loss.matryoshka_weights {weights} and loss.matryoshka_dims {dims} differ in "
+                         "length")
     if any(not 0 < d <= full for d in dims):
         raise ValueError(f"loss.matryoshka_dims {dims} must lie in 1..{full} (the embedding size)")
     total = jnp.zeros((), jnp.float32)
@@ -290,7 +288,8 @@ def check_loss_config(loss_config) -> tuple[str, ...]:
     if not tasks:
         stage = loss_config.get("stage", None)
         if stage not in STAGE_TASKS:
-            raise ValueError(f"loss.stage={stage!r}; expected one of {sorted(STAGE_TASKS)} (or set loss.tasks)")
+            raise ValueError(f"loss.stage={stage!r}; expected one of {sorted(STAGE_TASKS)} "
+                             "(or set loss.tasks)")
         tasks = STAGE_TASKS[stage]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
