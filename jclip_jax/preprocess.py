@@ -55,3 +55,58 @@ def eval_transform(image: Image.Image | str | os.PathLike, size: int = 224) -> n
     """One image -> float32 (size, size, 3), NHWC-ready, the way jina-clip evaluates."""
     img = center_crop(resize_shortest_side(load_image(image), size), size)
     return normalize(np.asarray(img, dtype=np.uint8))
+
+
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """torchvision RandomResizedCrop.get_params with a numpy Generator: (left, top, crop_w, crop_h).
+
+    Up to 10 tries of area ~ U(scale) * W*H and log-uniform aspect ratio; if none fits, the largest
+    centred crop whose aspect ratio is clamped into `ratio`.
+    """
+    area = width * height
+    log_ratio = (np.log(ratio[0]), np.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = np.exp(rng.uniform(*log_ratio))
+        w = int(round(np.sqrt(target_area * aspect)))
+        h = int(round(np.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def random_resized_crop(
+    image: Image.Image,
+    size: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Image.Image:
+    """RandomResizedCrop (open_clip training): random box, cropped, then bicubic resize to size x size."""
+    left, top, w, h = random_resized_crop_box(image.width, image.height, rng, scale, ratio)
+    return image.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
+
+
+def normalize_into(pixels: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """`normalize` written into a preallocated float32 array (e.g. a slot of a batch): same operations in
+    the same order, so bitwise equal to `normalize(pixels)`, without the temporaries and a later stack copy.
+    uint8 (..., 3) -> out float32 (..., 3)."""
+    np.divide(pixels, np.float32(255.0), out=out, dtype=np.float32)
+    np.subtract(out, CLIP_MEAN, out=out)
+    np.divide(out, CLIP_STD, out=out)
+    return out

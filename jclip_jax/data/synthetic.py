@@ -13,6 +13,8 @@ Splits written by `write_synthetic(DIR)`:
     DIR/text_pairs  text_pair: datasets "paraphrase" (caption <-> reworded caption) and "attributes"
                     (caption <-> attribute list)
     DIR/triplets    triplet: caption, paraphrase, 7 paraphrases of captions that differ in one attribute
+    DIR/tokenizer.json  a BERT-style uncased WordPiece tokenizer ([PAD]=0, [CLS] ... [SEP]) trained on all of
+                    the above text, so the demo needs no download
 """
 
 from __future__ import annotations
@@ -139,6 +141,33 @@ def triplets(num: int, seed: int) -> Iterator[dict]:
                "negatives": [paraphrase(neighbours[k], rng) for k in picked], "dataset": "synthetic"}
 
 
+def vocabulary_texts(seed: int = 0) -> list[str]:
+    """Every word the synthetic data uses, in captions, paraphrases and attribute lists."""
+    rng = np.random.default_rng([seed, 4])
+    texts = [caption([o]) for o in OBJECTS]
+    texts += [paraphrase(o, rng) for o in OBJECTS for _ in range(6)]
+    texts += [attribute_list(o, rng) for o in OBJECTS]
+    return texts
+
+
+def write_tokenizer(path: str | os.PathLike, texts: list[str], vocab_size: int = 256) -> None:
+    """Trains a BERT-style uncased WordPiece tokenizer.json on `texts`.
+    Special tokens: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4; encodings are [CLS] ... [SEP]."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", tokenizer.token_to_id("[CLS]")), ("[SEP]", tokenizer.token_to_id("[SEP]"))])
+    tokenizer.save(os.fspath(path))
+
+
 def write_synthetic(output_dir: str | os.PathLike, num_train: int = 5000, num_eval: int = len(OBJECTS),
                     num_text_pairs: int = 5000, num_triplets: int = 2000, image_size: int = 64,
                     seed: int = 0, progress=None) -> dict[str, dict]:
@@ -157,4 +186,5 @@ def write_synthetic(output_dir: str | os.PathLike, num_train: int = 5000, num_ev
             for record in progress(stream, total, split):
                 writer.write(record, dataset="synthetic")
         summaries[split] = writer.close()
+    write_tokenizer(os.path.join(os.fspath(output_dir), "tokenizer.json"), vocabulary_texts(seed))
     return summaries

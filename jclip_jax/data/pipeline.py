@@ -1,0 +1,419 @@
+"""grain input pipeline: per-process, checkpointable batches of image-caption pairs and text pairs/triplets.
+
+Every batch is a pure function of (seed, process share, step): the datasets are grain `MapDataset`s
+(random access, shuffled per epoch, repeated forever) so an iterator's state is a few indices and a resumed
+pipeline yields exactly the batches an uninterrupted one would.
+
+    it = train_iterator(config)                  # grain DatasetIterator, one per process
+    batch = next(it)                             # {"image_text": {...}, "text": {...}}, local numpy
+    batch = make_global_batch(batch, mesh)       # jax.Arrays sharded over the mesh's data axes
+    # checkpoint: ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it)) / CheckpointRestore(it)
+
+Local batch contents (B_img, B_txt = global batch sizes / process count; L = max lengths; S = image size):
+    image_text: image float32 (B_img, S, S, 3), CLIP-normalised, NHWC
+                text int32 (B_img, L_img), right-padded with the tokenizer's pad id
+                decode_failures int32 () records dropped while filling this batch (undecodable image)
+    text (pairs):    query int32 (B_txt, L_txt), positive int32 (B_txt, L_txt), dataset int32 ()
+    text (triplets): as pairs + negatives int32 (B_txt, 7, L_txt)
+`dataset` indexes `text_dataset_names(config)`; all processes draw the same dataset at a given step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import sys
+from collections.abc import Mapping, Sequence
+
+import grain
+import jax
+import numpy as np
+from PIL import Image
+
+from jclip_jax import preprocess
+from jclip_jax.data import records
+from jclip_jax.tokenizer import TextTokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What `train_iterator` needs. Batch sizes are global (summed over processes)."""
+
+    image_text_dir: str                    # prepared image_text directory, or "tfds:NAME:SPLIT"
+    tokenizer_path: str                    # tokenizer.json (HF tokenizers) or sentencepiece .model
+    image_batch_size: int
+    text_dir: str | None = None            # prepared text_pair (stages 1-2) or triplet (stage 3) directory
+    text_batch_size: int = 0
+    image_size: int = 224
+    image_max_length: int = 77             # caption tokens (77 in stage 1, 512 later)
+    text_max_length: int = 77
+    crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range (open_clip's default)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    random_crop: bool = True               # False: the evaluation resize + centre crop
+    text_weights: Mapping[str, float] | None = None  # per text dataset; None: proportional to size
+    text_buckets: Sequence[int] | None = None  # pad text batches to buckets (single process only)
+    seed: int = 0
+    worker_count: int = 0                  # image decoding processes (0: in this process)
+    text_worker_count: int = 0             # tokenising processes for the text batches
+    worker_buffer_size: int = 2            # batches each worker keeps ready
+    read_threads: int = 4                  # threads per worker (PIL releases the GIL while decoding)
+    tfds_data_dir: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeFailure:
+    """Stands in for a record whose image could not be decoded; the batcher drops and counts it."""
+
+    reason: str
+
+
+def process_share() -> tuple[int, int]:
+    """(this process's index, process count), from jax like grain's ShardByJaxProcess."""
+    options = grain.sharding.ShardByJaxProcess()
+    return options.shard_index, options.shard_count
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+
+class ImageTextTransform(grain.transforms.RandomMap):
+    """msgpack image_text record -> {"image": uint8 (S, S, 3), "text": int32 (L,)} or DecodeFailure.
+
+    The batcher normalises (CLIP mean/std) straight into the float32 batch: a crop travels between threads
+    as uint8 and is never copied again as float32.
+
+    Training: RandomResizedCrop + a random caption of the record. Evaluation (random_crop=False):
+    shortest-side bicubic resize + centre crop, first caption. Runs in grain workers: picklable, and the
+    tokenizer is loaded lazily in each process.
+    """
+
+    def __init__(self, tokenizer_path: str, max_length: int, image_size: int, random_crop: bool,
+                 crop_scale=(0.9, 1.0), crop_ratio=(3 / 4, 4 / 3)):
+        self.tokenizer_path, self.max_length, self.image_size = tokenizer_path, max_length, image_size
+        self.random_crop, self.crop_scale, self.crop_ratio = random_crop, tuple(crop_scale), tuple(crop_ratio)
+        self._tokenizer = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tokenizer": None}
+
+    def image(self, data: bytes, rng: np.random.Generator | None) -> np.ndarray:
+        """Encoded image -> uint8 (S, S, 3) crop."""
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("RGB")
+        if self.random_crop:
+            img = preprocess.random_resized_crop(img, self.image_size, rng, self.crop_scale, self.crop_ratio)
+        else:
+            img = preprocess.resize_shortest_side(img, self.image_size)
+            img = preprocess.center_crop(img, self.image_size)
+        return np.asarray(img, dtype=np.uint8)
+
+    def random_map(self, data: bytes, rng: np.random.Generator):
+        if self._tokenizer is None:
+            self._tokenizer = TextTokenizer(self.tokenizer_path)
+        try:
+            record = records.decode(data)
+            pixels = self.image(record["image"], rng)
+        except Exception as e:  # a corrupt image must cost one record, never the run
+            return DecodeFailure(f"{type(e).__name__}: {e}")
+        captions = record["captions"]
+        caption = captions[int(rng.integers(len(captions)))] if self.random_crop else captions[0]
+        ids = self._tokenizer([caption], self.max_length, buckets=None)[0]
+        return {"image": pixels, "text": ids}
+
+
+class _BatchDroppingFailures(grain.IterDataset):
+    """Stacks `batch_size` good elements, skipping DecodeFailures and counting them in the batch; images are
+    normalised into the float32 batch here.
+
+    grain's `filter` + `batch` would drop them silently; the count must reach the metrics. The iterator keeps
+    nothing between batches, so its checkpoint state is its parent's.
+    """
+
+    def __init__(self, parent: grain.IterDataset, batch_size: int, drop_remainder: bool = True):
+        super().__init__(parent)
+        self.batch_size, self.drop_remainder = batch_size, drop_remainder
+        self.shared_memory = False
+
+    def enable_shared_memory_output(self) -> None:
+        """Build image batches in shared memory, so a worker hands them over without another copy
+        (grain's SupportsSharedMemoryOutput, as its own batch transform does)."""
+        self.shared_memory = True
+
+    def __iter__(self):
+        return _BatchDroppingFailuresIterator(self._parent.__iter__(), self.batch_size, self.drop_remainder,
+                                              self.shared_memory)
+
+
+class _BatchDroppingFailuresIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, batch_size: int, drop_remainder: bool,
+                 shared_memory: bool):
+        super().__init__(parent)
+        self.batch_size, self.drop_remainder, self.shared_memory = batch_size, drop_remainder, shared_memory
+
+    def __next__(self) -> dict:
+        items, failures = [], 0
+        while len(items) < self.batch_size:
+            try:
+                element = next(self._parent)
+            except StopIteration:
+                if not items or self.drop_remainder:
+                    raise
+                break
+            if isinstance(element, DecodeFailure):
+                failures += 1
+            else:
+                items.append(element)
+        shape = (len(items), *items[0]["image"].shape)
+        if self.shared_memory:
+            image = grain.multiprocessing.SharedMemoryArray(shape, np.float32)
+        else:
+            image = np.empty(shape, np.float32)
+        for i, item in enumerate(items):
+            preprocess.normalize_into(item["image"], image[i])
+        batch = {"image": image, "text": np.stack([item["text"] for item in items]),
+                 "decode_failures": np.int32(failures)}
+        return batch
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
+
+
+def _image_text_source(location: str, tfds_data_dir: str | None):
+    if location.startswith("tfds:"):
+        from jclip_jax.data.sources import TfdsImageTextSource
+
+        _, name, split = location.split(":", 2)
+        return TfdsImageTextSource(name, split, data_dir=tfds_data_dir)
+    manifest = records.read_manifest(location, kind="image_text")
+    paths = [p for entry in manifest["datasets"].values() for p in entry["paths"]]
+    return grain.sources.ArrayRecordDataSource(paths)
+
+
+def _process_slice(ds: grain.MapDataset, share: tuple[int, int], what: str) -> grain.MapDataset:
+    index, count = share
+    if len(ds) < count:
+        raise ValueError(f"{what} has {len(ds)} records, fewer than the {count} processes reading it")
+    return ds[index::count]
+
+
+def image_text_dataset(config: DataConfig, share: tuple[int, int] | None = None,
+                       repeat: bool = True) -> grain.IterDataset:
+    """This process's image-text batches (see the module docstring), from `config.image_text_dir`."""
+    share = share or process_share()
+    batch_size = _local(config.image_batch_size, share[1], "image_batch_size")
+    ds = grain.MapDataset.source(_image_text_source(config.image_text_dir, config.tfds_data_dir))
+    ds = _process_slice(ds, share, config.image_text_dir).seed(config.seed)
+    if repeat:
+        ds = ds.shuffle().repeat()  # shuffle before repeat: a new order every epoch
+    ds = ds.random_map(ImageTextTransform(config.tokenizer_path, config.image_max_length, config.image_size,
+                                          config.random_crop, config.crop_scale, config.crop_ratio))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                              prefetch_buffer_size=2 * batch_size))
+    return _BatchDroppingFailures(ds, batch_size, drop_remainder=repeat)
+
+
+# ------------------------------------------------------------------------------------------------- text
+
+
+class RandomDatasetSelectionMap(grain.transforms.DatasetSelectionMap):
+    """Step k -> (dataset d, k's rank among the steps that drew d): one dataset per batch, drawn at random
+    with the given weights (paper §4.1).
+
+    grain's `mix` interleaves datasets in fixed proportions; the paper draws at random. Draws come in blocks
+    of `block` steps from a generator seeded by (seed, block number), so any step is found without
+    replaying the stream; per-block counts are cached (a pure function of the seed, safe in any process).
+    """
+
+    def __init__(self, weights: Sequence[float], seed: int, block: int = 1024):
+        weights = np.asarray(weights, np.float64)
+        if weights.ndim != 1 or len(weights) == 0 or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"text dataset weights must be non-negative with a positive sum, got {weights}")
+        self.probs, self.seed, self.block = weights / weights.sum(), seed, block
+        self._counts_before = [np.zeros(len(weights), np.int64)]  # [b]: draws per dataset before block b
+        self._last = (-1, None)
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def _draws(self, b: int) -> np.ndarray:
+        if self._last[0] != b:
+            rng = np.random.default_rng([self.seed, b])
+            self._last = (b, rng.choice(len(self.probs), self.block, p=self.probs))
+        return self._last[1]
+
+    def __getitem__(self, step: int) -> tuple[int, int]:
+        b, r = divmod(step, self.block)
+        while len(self._counts_before) <= b:
+            n = len(self._counts_before) - 1
+            counts = np.bincount(self._draws(n), minlength=len(self.probs))
+            self._counts_before.append(self._counts_before[-1] + counts)
+        draws = self._draws(b)
+        d = int(draws[r])
+        return d, int(self._counts_before[b][d] + np.count_nonzero(draws[:r] == d))
+
+
+class TokenizeTextBatch(grain.transforms.Map):
+    """list of text_pair/triplet records -> int32 arrays: query, positive (B, L)[, negatives (B, 7, L)]."""
+
+    def __init__(self, tokenizer_path: str, max_length: int, dataset_index: int, buckets=None):
+        self.tokenizer_path, self.max_length = tokenizer_path, max_length
+        self.dataset_index, self.buckets = dataset_index, buckets
+        self._tokenizer = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tokenizer": None}
+
+    def map(self, batch: list[bytes]) -> dict:
+        if self._tokenizer is None:
+            self._tokenizer = TextTokenizer(self.tokenizer_path)
+        rows = [records.decode(data) for data in batch]
+        fields = ["query", "positive"] + (["negatives"] if "negatives" in rows[0] else [])
+        texts = {f: [text for row in rows for text in ([row[f]] if f != "negatives" else row[f])]
+                 for f in fields}
+        if self.buckets:  # one length for the whole batch: every field shares the longest's bucket
+            all_ids = self._tokenizer(sum(texts.values(), []), self.max_length, self.buckets)
+            splits = np.cumsum([len(t) for t in texts.values()])[:-1]
+            ids = dict(zip(fields, np.split(all_ids, splits), strict=True))
+        else:
+            ids = {f: self._tokenizer(t, self.max_length, buckets=None) for f, t in texts.items()}
+        out = {f: ids[f].reshape(len(rows), -1, ids[f].shape[-1]) if f == "negatives" else ids[f]
+               for f in fields}
+        out["dataset"] = np.int32(self.dataset_index)
+        return out
+
+
+def text_dataset_names(config: DataConfig) -> list[str]:
+    """Names of the text datasets, in the order of the batches' `dataset` index."""
+    return sorted(records.read_manifest(config.text_dir)["datasets"])
+
+
+def text_dataset(config: DataConfig, share: tuple[int, int] | None = None) -> grain.IterDataset:
+    """This process's text-pair or triplet batches: each batch from one dataset, drawn per step."""
+    share = share or process_share()
+    if config.text_buckets and share[1] > 1:
+        raise ValueError("text_buckets with several processes would give processes different shapes at "
+                         "the same step; use fixed-length padding (text_buckets=None)")
+    batch_size = _local(config.text_batch_size, share[1], "text_batch_size")
+    manifest = records.read_manifest(config.text_dir)
+    if manifest["kind"] not in ("text_pair", "triplet"):
+        raise ValueError(f"{config.text_dir!r} holds {manifest['kind']!r} records, not text pairs/triplets")
+    names = sorted(manifest["datasets"])
+    if config.text_weights is None:
+        weights = [manifest["datasets"][n]["count"] for n in names]
+    else:
+        unknown = set(config.text_weights) - set(names)
+        if unknown:
+            raise ValueError(f"text_weights names {sorted(unknown)} not in {config.text_dir!r} ({names})")
+        weights = [float(config.text_weights.get(n, 0.0)) for n in names]
+    per_dataset = []
+    for i, name in enumerate(names):
+        ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(manifest["datasets"][name]["paths"]))
+        ds = _process_slice(ds, share, f"{config.text_dir}/{name}").seed(config.seed + 7919 * (i + 1))
+        ds = ds.shuffle().repeat().batch(batch_size, drop_remainder=True, batch_fn=list)
+        per_dataset.append(ds.map(TokenizeTextBatch(config.tokenizer_path, config.text_max_length, i,
+                                                    config.text_buckets)))
+    ds = grain.MapDataset.select_from_datasets(per_dataset, RandomDatasetSelectionMap(weights, config.seed))
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+
+
+# ---------------------------------------------------------------------------------------------- together
+
+
+def _local(global_size: int, process_count: int, name: str) -> int:
+    if global_size < 1 or global_size % process_count:
+        raise ValueError(f"{name}={global_size} must be a positive multiple of the {process_count} processes")
+    return global_size // process_count
+
+
+def with_workers(ds: grain.IterDataset, worker_count: int, buffer_size: int = 2) -> grain.IterDataset:
+    """Runs `ds` (decoding, batching included) in `worker_count` grain processes; 0: in this process."""
+    if worker_count <= 0:
+        return ds
+    # grain's worker processes read an absl flag; outside absl.app.run the flags are unparsed (grain #1355).
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    if isinstance(ds, _BatchDroppingFailures):  # grain enables this itself only for 2+ workers
+        ds.enable_shared_memory_output()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
+                                                       per_worker_buffer_size=buffer_size))
+
+
+def train_dataset(config: DataConfig, share: tuple[int, int] | None = None) -> grain.IterDataset:
+    """{"image_text": batch, "text": batch} per step (text only when config.text_dir is set)."""
+    share = share or process_share()
+    parts = {"image_text": with_workers(image_text_dataset(config, share), config.worker_count,
+                                        config.worker_buffer_size)}
+    if config.text_dir:
+        parts["text"] = with_workers(text_dataset(config, share), config.text_worker_count,
+                                     config.worker_buffer_size)
+    names = list(parts)
+    zipped = grain.experimental.ZipIterDataset(list(parts.values()))
+    return zipped.map(_Named(names))
+
+
+class _Named(grain.transforms.Map):
+    """tuple from ZipIterDataset -> dict by name (top-level class: picklable)."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = list(names)
+
+    def map(self, parts: tuple) -> dict:
+        return dict(zip(self.names, parts, strict=True))
+
+
+def train_iterator(config: DataConfig, share: tuple[int, int] | None = None) -> grain.DatasetIterator:
+    """The per-process training iterator; `get_state()`/`set_state()` or grain.checkpoint for resume.
+    Close it (`it.close()`) when done if it has worker processes."""
+    return iter(train_dataset(config, share))
+
+
+def make_global_batch(batch, mesh: jax.sharding.Mesh, batch_axes: str | Sequence[str] = "data"):
+    """Local numpy batch (nested dict) -> global jax.Arrays, the leading axis sharded over `batch_axes`.
+    Scalars (decode_failures, dataset) stay per-process numpy values."""
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axes))
+
+    def to_global(x):
+        if np.ndim(x) == 0:
+            return x
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+    return jax.tree.map(to_global, batch)
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def retrieval_eval_set(directory: str, tokenizer_path: str, image_size: int = 224, max_length: int = 77,
+                       read_threads: int = 4) -> dict:
+    """A prepared image_text directory as arrays for retrieval evaluation (all of it, in file order).
+
+    Returns images float32 (N, S, S, 3) (eval crop), text int32 (M, L) for every caption,
+    text_image int32 (M,) the image index of each caption, decode_failures int (images dropped).
+    """
+    ds = grain.MapDataset.source(_image_text_source(directory, None))
+    transform = ImageTextTransform(tokenizer_path, max_length, image_size, random_crop=False)
+    tokenizer = TextTokenizer(tokenizer_path)
+
+    def load(data: bytes):
+        record = records.decode(data)
+        try:
+            return transform.image(record["image"], None), record["captions"]
+        except Exception as e:
+            return DecodeFailure(f"{record.get('key')}: {type(e).__name__}: {e}")
+
+    items = list(ds.map(load).to_iter_dataset(grain.ReadOptions(num_threads=read_threads)))
+    good = [item for item in items if not isinstance(item, DecodeFailure)]
+    if not good:
+        raise ValueError(f"{directory!r}: no decodable images")
+    captions = [(i, c) for i, (_, caps) in enumerate(good) for c in caps]
+    return {
+        "images": preprocess.normalize(np.stack([img for img, _ in good])),
+        "text": tokenizer([c for _, c in captions], max_length, buckets=None),
+        "text_image": np.asarray([i for i, _ in captions], np.int32),
+        "decode_failures": len(items) - len(good),
+    }
