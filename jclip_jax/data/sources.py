@@ -270,13 +270,16 @@ class TfdsImageTextSource:
                               "importlib_resources` (TensorFlow itself is not needed)") from e
         self._args = (name, split, data_dir, image_key, caption_key)
         self.image_key, self.caption_key = image_key, caption_key
-        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
-                                  decoders={image_key: tfds.decode.SkipDecoding()})
-        # tfds returns {} (not an error) when the dataset is not prepared under data_dir.
-        if isinstance(source, dict) and not source:
-            raise FileNotFoundError(f"tfds dataset {name!r} (split {split!r}) is not prepared under data_dir="
-                                    f"{data_dir!r}; prepare it in array_record format first "
-                                    "(tfds build --file_format=array_record)")
+        not_prepared = (f"tfds dataset {name!r} (split {split!r}) is not prepared in array_record format "
+                        f"under data_dir={data_dir!r}; prepare it first "
+                        "(tfds build --file_format=array_record)")
+        try:
+            source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                      decoders={image_key: tfds.decode.SkipDecoding()})
+        except NotImplementedError as e:  # tfds's answer when it finds no array_record files
+            raise FileNotFoundError(not_prepared) from e
+        if isinstance(source, dict) and not source:  # ... or, without a split, a silent {}
+            raise FileNotFoundError(not_prepared)
         self._source = source
 
     def __len__(self) -> int:
