@@ -30,13 +30,16 @@ setup(
         # (an unpinned torch pulls a CUDA build).
         "torch": ["torch", "timm", "open_clip_torch"],
         "tfds": ["tensorflow-datasets", "importlib_resources"],
-        "test": ["pytest", "pytest-xdist", "ruff", "torch", "timm", "open_clip_torch", "tensorflow-datasets", "importlib_resources"],
+        "test": [
+            "pytest", "pytest-xdist", "ruff", "torch", "timm", "open_clip_torch",
+            "tensorflow-datasets", "importlib_resources",
+        ],
     },
     entry_points={
         "console_scripts": [
             "jclip-convert=jclip_jax.convert.cli:main",
             "jclip-prepare=jclip_jax.data.prepare:main",
-            "jclip-train=jclip_jax.train:main",
+            "jclip-train=jclip_jax.train:run",
         ],
     },
 )

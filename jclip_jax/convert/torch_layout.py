@@ -7,8 +7,8 @@ leading 'layers' axis. Everything here is numpy (or jax.numpy under eval_shape);
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

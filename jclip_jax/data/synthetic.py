@@ -12,6 +12,7 @@ Splits written by `write_synthetic(DIR)`:
                     so chance-level retrieval R@1 is 1/192 = 0.5%)
     DIR/text_pairs  text_pair: datasets "paraphrase" (caption <-> reworded caption) and "attributes"
                     (caption <-> attribute list)
+    DIR/eval_text_pairs  text_pair: each distinct caption with a held-out paraphrase (text->text eval)
     DIR/triplets    triplet: caption, paraphrase, 7 paraphrases of captions that differ in one attribute
     DIR/tokenizer.json  a BERT-style uncased WordPiece tokenizer ([PAD]=0, [CLS] ... [SEP]) trained on all of
                     the above text, so the demo needs no download
@@ -130,6 +131,13 @@ def text_pairs(num_per_dataset: int, seed: int) -> Iterator[dict]:
         yield {"query": caption([obj]), "positive": attribute_list(obj, rng), "dataset": "attributes"}
 
 
+def text_pairs_eval(seed: int) -> Iterator[dict]:
+    """Held-out text pairs: each distinct caption with a new paraphrase (chance R@1 = 1/192)."""
+    rng = np.random.default_rng([seed, 5])
+    for obj in OBJECTS:
+        yield {"query": caption([obj]), "positive": paraphrase(obj, rng), "dataset": "paraphrase"}
+
+
 def triplets(num: int, seed: int) -> Iterator[dict]:
     """Hard negatives: paraphrases of the objects that differ from the query's in exactly one attribute."""
     rng = np.random.default_rng([seed, 3])
@@ -178,6 +186,7 @@ def write_synthetic(output_dir: str | os.PathLike, num_train: int = 5000, num_ev
         "train": ("image_text", image_text_train(num_train, image_size, seed), num_train),
         "eval": ("image_text", image_text_eval(num_eval, image_size, seed), num_eval),
         "text_pairs": ("text_pair", text_pairs(num_text_pairs, seed), 2 * num_text_pairs),
+        "eval_text_pairs": ("text_pair", text_pairs_eval(seed), len(OBJECTS)),
         "triplets": ("triplet", triplets(num_triplets, seed), num_triplets),
     }
     summaries = {}

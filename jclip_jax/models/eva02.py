@@ -16,7 +16,13 @@ import numpy as np
 from flax import nnx
 
 from jclip_jax.models.layers import (
-    ZEROS, dtype_of, layer_norm, logical, make_stacked, run_stacked, trunc_normal,
+    ZEROS,
+    dtype_of,
+    layer_norm,
+    logical,
+    make_stacked,
+    run_stacked,
+    trunc_normal,
 )
 
 

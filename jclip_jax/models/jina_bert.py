@@ -24,7 +24,14 @@ import numpy as np
 from flax import nnx
 
 from jclip_jax.models.layers import (
-    ZEROS, dropout, dtype_of, layer_norm, logical, make_stacked, run_stacked, trunc_normal,
+    ZEROS,
+    dropout,
+    dtype_of,
+    layer_norm,
+    logical,
+    make_stacked,
+    run_stacked,
+    trunc_normal,
 )
 
 

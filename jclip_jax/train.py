@@ -1,0 +1,254 @@
+"""jclip-train: the three-stage jina-clip recipe from a config file (big_vision-style, linear).
+
+    jclip-train                                             # the demo: tiny model, synthetic data, CPU
+    jclip-train --config configs/jina_clip_v1/stage1.py --workdir gs://bucket/run1 \
+                --config.data.image_text_dir=... --config.total_steps=1000
+
+distributed init -> config checks -> mesh -> data -> sharded init -> resume (workdir checkpoint, else
+config.init, else scratch) -> jitted step -> loop with metrics, evaluation, checkpoints -> final eval.
+SIGTERM (TPU preemption) saves a checkpoint and exits cleanly; a restart continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import jax
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from jclip_jax import checkpoints, flops, optim, sharding, train_config, train_step
+from jclip_jax.data import pipeline
+from jclip_jax.models.clip import JinaCLIP
+from jclip_jax.train_eval import RetrievalEvaluator
+from jclip_jax.train_metrics import MetricsWriter
+
+REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+DEMO_CONFIG = os.path.join(REPO_CONFIGS, "demo.py")
+
+_CONFIG = config_flags.DEFINE_config_file("config", DEMO_CONFIG, "Training config file (file.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Checkpoints, TensorBoard events and eval.json.")
+
+
+class Preemption:
+    """Turns SIGTERM into a flag the loop checks after each step (save, then exit cleanly)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def close(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM: saving a checkpoint and exiting")
+        self.requested = True
+
+
+def maybe_initialize_distributed() -> None:
+    """jax.distributed.initialize() on multi-host runs (Cloud TPU pods, SLURM, or explicit coordinator)."""
+    multi_host = ("JAX_COORDINATOR_ADDRESS" in os.environ or "SLURM_NTASKS" in os.environ
+                  or len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1)
+    if multi_host:
+        jax.distributed.initialize()
+
+
+def prepare_synthetic_if_absent(config) -> None:
+    """The demo's embedded dataset: written once under config.data.synthetic_dir."""
+    from jclip_jax.data import synthetic
+
+    root = config.data.synthetic_dir
+    if os.path.exists(os.path.join(root, "tokenizer.json")):
+        return
+    if jax.process_index() == 0:
+        print(f"preparing the synthetic dataset in {root} ...", flush=True)
+        synthetic.write_synthetic(root, image_size=config.model.vision.image_size)
+
+
+def with_synthetic_paths(config):
+    """Fill the data and eval paths left unset from config.data.synthetic_dir's splits."""
+    config = config.copy_and_resolve_references()
+    root, d, e = config.data.synthetic_dir, config.data, config.evals
+    d.image_text_dir = d.image_text_dir or os.path.join(root, "train")
+    d.tokenizer_path = d.tokenizer_path or os.path.join(root, "tokenizer.json")
+    text_split = "triplets" if config.loss.stage == 3 else "text_pairs"
+    d.text_dir = d.text_dir or os.path.join(root, text_split)
+    e.image_text_dir = e.image_text_dir or os.path.join(root, "eval")
+    e.text_pairs_dir = e.text_pairs_dir or os.path.join(root, "eval_text_pairs")
+    return config
+
+
+def check_tokenizer(config) -> None:
+    from jclip_jax.tokenizer import TextTokenizer
+
+    tok = TextTokenizer(config.data.tokenizer_path)
+    if tok.vocab_size > config.model.text.vocab_size:
+        raise ValueError(f"tokenizer {config.data.tokenizer_path!r} has {tok.vocab_size} tokens, more than "
+                         f"config.model.text.vocab_size={config.model.text.vocab_size}")
+    if tok.pad_id != config.model.text.pad_token_id:
+        raise ValueError(f"tokenizer pad id {tok.pad_id} != config.model.text.pad_token_id="
+                         f"{config.model.text.pad_token_id}")
+
+
+def initial_params(config, abstract_params):
+    """Params for a run with no checkpoint in its workdir, as a flat {path: array} dict, or None (scratch).
+
+    config.init.checkpoint: a jina-clip HF directory (config.json) or a previous stage's workdir;
+    config.init.eva02 / jina_bert: pretrained towers (stage 1).
+    """
+    from jclip_jax.convert import hf_layout, towers
+    from jclip_jax.convert.cli import read_weights
+
+    init = config.init
+    if init.checkpoint:
+        if os.path.exists(os.path.join(init.checkpoint, "config.json")):
+            model = JinaCLIP.from_pretrained(init.checkpoint)
+            return hf_layout.flax_params(model), f"jina-clip directory {init.checkpoint}"
+        params, step = checkpoints.restore_params(init.checkpoint, abstract_params)
+        return params, f"step {step} of {init.checkpoint}"
+    if init.eva02 or init.jina_bert:
+        model = JinaCLIP(config.model, rngs=nnx.Rngs(config.seed))
+        if init.eva02:
+            towers.import_timm_eva02(model, read_weights(init.eva02), what=init.eva02)
+        if init.jina_bert:
+            towers.import_jina_bert_v2(model, read_weights(init.jina_bert), what=init.jina_bert)
+        return hf_layout.flax_params(model), f"towers eva02={init.eva02} jina_bert={init.jina_bert}"
+    return None, "scratch"
+
+
+def load_initial_params(state, shardings, params, tx):
+    """A fresh train state (new optimizer, step 0) around `params` (an nnx.State or flat dict)."""
+    import jax.numpy as jnp
+
+    if not isinstance(params, nnx.State):
+        flat = [(path, var.replace(jnp.asarray(params[tuple(str(p) for p in path)], var.dtype)))
+                for path, var in nnx.to_flat_state(state["params"])]
+        params = nnx.from_flat_state(flat)
+    params = jax.device_put(params, shardings["params"])
+    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+    return {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.zeros((), jnp.int32),
+                                                                           shardings["step"])}
+
+
+def step_batch(batch: dict, tasks) -> dict:
+    """The pipeline's {'image_text': ..., 'text': ...} -> the step's flat batch keys (train_step.py)."""
+    out = {}
+    if "image_text" in tasks:
+        out["image"], out["image_caption"] = batch["image_text"]["image"], batch["image_text"]["text"]
+    if "text_pair" in tasks:
+        out["text_query"], out["text_passage"] = batch["text"]["query"], batch["text"]["positive"]
+    if "text_triplet" in tasks:
+        out["triplet_query"], out["triplet_positive"] = batch["text"]["query"], batch["text"]["positive"]
+        out["triplet_negatives"] = batch["text"]["negatives"]
+    return out
+
+
+def train(config, workdir: str) -> dict:
+    """Runs (or resumes) the config's training in `workdir`; returns the final evaluation."""
+    if config.data.synthetic_dir:
+        config = with_synthetic_paths(config)
+    train_config.validate(config)  # before any compute
+    maybe_initialize_distributed()
+    if config.data.synthetic_dir:
+        prepare_synthetic_if_absent(config)
+    check_tokenizer(config)
+    tasks = train_step.losses.check_loss_config(config.loss)
+
+    mesh = sharding.make_mesh(config.mesh)
+    batch_axes = sharding.batch_axes(mesh)
+    data_iterator = pipeline.train_iterator(train_config.data_config(config))
+
+    run_optim = train_config.optim_for_run(config)
+    tx, schedule = optim.make_optimizer(run_optim), optim.learning_rate_schedule(run_optim)
+    graphdef, state, shardings = train_step.create_train_state(
+        lambda: JinaCLIP(config.model, rngs=nnx.Rngs(config.seed)), tx, mesh)
+    abstract_state = jax.eval_shape(lambda: state)
+
+    mngr = checkpoints.manager(workdir, config.keep_checkpoints)
+    start = mngr.latest_step()
+    if start is not None:
+        state = checkpoints.restore(mngr, start, abstract_state, shardings, data_iterator)
+        origin = f"checkpoint at step {start} in {workdir}"
+    else:
+        params, origin = initial_params(config, abstract_state["params"])
+        if params is not None:
+            state = load_initial_params(state, shardings, params, tx)
+        start = 0
+    logging.info("starting at step %d from %s", start, origin)
+    print(f"jclip-train: {origin}; steps {start} -> {config.total_steps} on mesh {dict(mesh.shape)}", flush=True)
+
+    step_fn = train_step.make_train_step(graphdef, tx, config.loss, mesh, shardings,
+                                         micro_batches=config.micro_batches, schedule=schedule)
+    evaluator = RetrievalEvaluator(config, graphdef)
+    pairs_per_step = config.data.image_batch_size + (config.data.text_batch_size if config.data.text_dir else 0)
+    flops_per_step = flops.train_step_flops(
+        config.model, config.data.image_batch_size,
+        config.data.text_batch_size if config.data.text_dir else 0, config.data.text_max_length,
+        negatives_per_query=7 if "text_triplet" in tasks else 0)
+    peak, peak_source = flops.peak_flops_per_device(config.peak_flops_per_device)
+    writer = MetricsWriter(workdir, config.total_steps, start, flops_per_step, pairs_per_step,
+                           peak * jax.device_count(), peak_source)
+    preemption = Preemption()
+    base_rng = jax.random.key(config.seed)
+
+    step = start
+    while step < config.total_steps:
+        local = next(data_iterator)
+        writer.count_skipped(int(local["image_text"]["decode_failures"]))
+        batch = pipeline.make_global_batch(step_batch(local, tasks), mesh, batch_axes)
+        state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
+        step += 1
+        writer.step(step, metrics, log=step % config.log_every == 0 or step == config.total_steps)
+        if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
+            writer.eval(step, evaluator(state["params"]))
+        if step % config.checkpoint_every == 0 or step == config.total_steps or preemption.requested:
+            checkpoints.save(mngr, step, state, data_iterator, config, force=preemption.requested)
+        if preemption.requested:
+            mngr.wait_until_finished()
+            writer.close()
+            print(f"jclip-train: preempted; checkpoint saved at step {step}", flush=True)
+            sys.exit(0)
+
+    results = evaluator(state["params"])
+    results.update(step=step, skipped_records=writer.skipped, **writer.throughput())
+    writer.eval(step, results, final=True)
+    if jax.process_index() == 0:
+        from etils import epath
+
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+        (epath.Path(workdir) / "eval.json").write_text(json.dumps(results, indent=2))
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+    preemption.close()
+    if hasattr(data_iterator, "close"):
+        data_iterator.close()
+    return results
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every save step at INFO
+        logging.set_verbosity(logging.WARNING)
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("JCLIP_DEBUG"):
+            raise
+        print(f"jclip-train: {e}  (JCLIP_DEBUG=1 shows the traceback)", file=sys.stderr)
+        sys.exit(2)
+
+
+def run():
+    """Console-script entry point (absl parses --config / --workdir / --config.key=value)."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

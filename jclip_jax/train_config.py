@@ -1,0 +1,173 @@
+"""The training config schema (ml_collections), shared by every file under configs/, and its validation.
+
+A config file is `get_config(arg) -> ConfigDict` (big_vision style); it starts from `base_config()` and
+sets what its stage needs. `validate(config)` runs before any compute and names the field at fault.
+
+    config.model        a model config (jclip_jax/models/configs.py), with execution options
+    config.init         where the weights come from when the workdir has no checkpoint:
+                          checkpoint: a previous stage's workdir (its latest params) or a jina-clip HF dir
+                          eva02 / jina_bert: tower state dicts (stage 1, the paper's initialisation)
+    config.data         the grain pipeline (jclip_jax/data/pipeline.DataConfig fields)
+    config.loss         losses.joint_loss's config (stage 1/2/3 or tasks, implementation, tile_size, ...)
+    config.optim        optim.default_config(stage); its total_steps follows config.total_steps
+    config.evals        held-out sets: image_text_dir (image<->text), text_pairs_dir (text->text)
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jclip_jax import losses, optim
+from jclip_jax.data.pipeline import DataConfig
+from jclip_jax.models import configs as model_configs
+
+DATA_FIELDS = tuple(DataConfig.__dataclass_fields__)
+
+
+def base_config(model: ml_collections.ConfigDict, stage: int) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = model
+    c.seed = 0
+    c.total_steps = {1: 60_000, 2: 1_500, 3: 7_000}[stage]
+    c.log_every = 50
+    c.eval_every = 5_000  # 0: only at the end
+    c.checkpoint_every = 1_000
+    c.keep_checkpoints = 3
+    c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
+    c.micro_batches = 1  # > 1: GradCache, the same update as the whole batch at once
+    c.peak_flops_per_device = None  # None: the device table, or a measured matmul on CPU
+
+    c.init = ml_collections.ConfigDict()
+    c.init.checkpoint = ml_collections.FieldReference(None, field_type=str)
+    c.init.eva02 = ml_collections.FieldReference(None, field_type=str)
+    c.init.jina_bert = ml_collections.FieldReference(None, field_type=str)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.image_text_dir = ""
+    c.data.text_dir = ml_collections.FieldReference(None, field_type=str)
+    c.data.tokenizer_path = ""
+    c.data.image_batch_size = 32_768
+    c.data.text_batch_size = 32_768
+    c.data.image_max_length = 77
+    c.data.text_max_length = 77
+    c.data.crop_scale = (0.9, 1.0)
+    c.data.random_crop = True
+    c.data.text_weights = ml_collections.FieldReference(None, field_type=dict)
+    c.data.seed = 0
+    c.data.worker_count = 0
+    c.data.text_worker_count = 0
+    c.data.read_threads = 4
+    c.data.tfds_data_dir = ml_collections.FieldReference(None, field_type=str)
+    c.data.synthetic_dir = ml_collections.FieldReference(None, field_type=str)  # demo: written if absent
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.stage = stage
+    c.loss.implementation = "plain"  # or "tiled" when even the local logits rows are too big
+    c.loss.tile_size = ml_collections.FieldReference(None, field_type=int)
+    c.loss.text_temperature = losses.TEXT_PAIR_TEMPERATURE
+    c.loss.matryoshka_dims = ()
+    c.loss.matryoshka_weights = ()
+
+    c.optim = optim.default_config(stage)
+
+    c.evals = ml_collections.ConfigDict()
+    c.evals.image_text_dir = ml_collections.FieldReference(None, field_type=str)
+    c.evals.text_pairs_dir = ml_collections.FieldReference(None, field_type=str)
+    c.evals.batch_size = 64
+    return c
+
+
+def data_config(config) -> DataConfig:
+    """config.data -> the pipeline's DataConfig (image size and text lengths follow the model/stage)."""
+    d = config.data
+    return DataConfig(
+        image_text_dir=d.image_text_dir, tokenizer_path=d.tokenizer_path, image_batch_size=d.image_batch_size,
+        text_dir=d.text_dir, text_batch_size=d.text_batch_size if d.text_dir else 0,
+        image_size=config.model.vision.image_size, image_max_length=d.image_max_length,
+        text_max_length=d.text_max_length, crop_scale=tuple(d.crop_scale), random_crop=d.random_crop,
+        text_weights=dict(d.text_weights) if d.text_weights else None, seed=d.seed,
+        worker_count=d.worker_count, text_worker_count=d.text_worker_count, read_threads=d.read_threads,
+        tfds_data_dir=d.tfds_data_dir)
+
+
+def validate(config) -> None:
+    """Fail before any compute, naming the field and its value."""
+    def positive(name, value):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"config.{name}={value!r} must be a positive integer")
+
+    for name in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "micro_batches"):
+        positive(name, config[name])
+    if not isinstance(config.eval_every, int) or config.eval_every < 0:
+        raise ValueError(f"config.eval_every={config.eval_every!r} must be >= 0 (0: only at the end)")
+    positive("data.image_batch_size", config.data.image_batch_size)
+    if config.data.text_dir:
+        positive("data.text_batch_size", config.data.text_batch_size)
+    positive("evals.batch_size", config.evals.batch_size)
+    for name in ("image_max_length", "text_max_length"):
+        if not 2 <= config.data[name] <= 8192:
+            raise ValueError(f"config.data.{name}={config.data[name]!r} must lie in [2, 8192]")
+    lo, hi = config.data.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"config.data.crop_scale={tuple(config.data.crop_scale)!r} must satisfy 0 < lo <= hi <= 1")
+    tasks = losses.check_loss_config(config.loss)
+    if ("text_pair" in tasks or "text_triplet" in tasks) and not config.data.text_dir:
+        raise ValueError(f"config.loss (tasks {tasks}) needs text batches, but config.data.text_dir is not set")
+    if config.loss.matryoshka_dims and len(config.loss.matryoshka_dims) != len(config.loss.matryoshka_weights):
+        raise ValueError(f"config.loss.matryoshka_dims {tuple(config.loss.matryoshka_dims)} and "
+                         f"matryoshka_weights {tuple(config.loss.matryoshka_weights)} differ in length")
+    optim.check_config(optim_for_run(config))
+    for name in ("image_text_dir", "tokenizer_path"):
+        if not config.data[name] and not config.data.synthetic_dir:
+            raise ValueError(f"config.data.{name} is empty")
+
+
+def optim_for_run(config):
+    """config.optim with total_steps = config.total_steps (one source of truth for the run length)."""
+    o = config.optim.copy_and_resolve_references()
+    o.total_steps = config.total_steps
+    if o.warmup_steps >= o.total_steps:
+        raise ValueError(f"config.optim.warmup_steps={o.warmup_steps} must be < config.total_steps="
+                         f"{config.total_steps}")
+    return o
+
+
+
+
+# ------------------------------------------------------------------ jina-clip-v1's recipe (paper §4)
+
+TABLE2 = {  # stage: (peak lr, image-text batch, text batch, steps, max length)
+    1: (1e-4, 32_768, 32_768, 60_000, 77),
+    2: (5e-6, 8_192, 8_192, 1_500, 512),
+    3: (1e-6, 1_024, 1_024, 7_000, 512),
+}
+
+
+def jina_clip_v1_stage(stage: int, arg: str | None = None):
+    """Table 2 of the paper for `stage`. `arg` 'runlocal' shrinks batches and steps for a smoke run."""
+    lr, image_batch, text_batch, steps, max_length = TABLE2[stage]
+    # bf16 compute with fp32 master params; remat per block so 32k batches fit with GradCache.
+    model = model_configs.jina_clip_v1(dtype="bfloat16", remat=True, scan_layers=True)
+    c = base_config(model, stage)
+    c.total_steps = steps
+    c.optim.peak_lr = lr
+    c.optim.warmup_steps = {1: 1_000, 2: 100, 3: 500}[stage]  # [U] not given in the paper
+    c.data.image_batch_size = image_batch
+    c.data.text_batch_size = text_batch
+    c.data.image_max_length = max_length
+    c.data.text_max_length = max_length
+    c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
+    c.micro_batches = 1  # raise (e.g. 8) to fit the batch through GradCache on few devices
+    # Point these at your prepared data (jclip-prepare) and tokenizer (jina-clip-v1's tokenizer.json):
+    c.data.image_text_dir = "data/laion400m" if stage == 1 else "data/long_captions"
+    c.data.text_dir = "data/text_pairs" if stage < 3 else "data/triplets"
+    c.data.tokenizer_path = "data/tokenizer.json"
+    c.evals.image_text_dir = "data/eval/flickr30k_test"
+    c.evals.text_pairs_dir = None
+    c.log_every, c.eval_every, c.checkpoint_every = 50, 5_000, 1_000
+    if arg == "runlocal":
+        c.total_steps, c.optim.warmup_steps = 10, 2
+        c.data.image_batch_size = c.data.text_batch_size = 8
+        c.log_every = c.checkpoint_every = 5
+        c.eval_every = 0
+    return c
