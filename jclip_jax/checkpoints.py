@@ -69,9 +69,9 @@ def latest_step(workdir: str) -> int | None:
         return mngr.latest_step()
 
 
-def restore_params(workdir: str, abstract_params, shardings=None):
-    """The params of a workdir's latest checkpoint (stage chaining and export); fails naming the path."""
-    step = latest_step(workdir)
+def restore_params(workdir: str, abstract_params, shardings=None, step: int | None = None):
+    """The params of a workdir's latest (or given) checkpoint (stage chaining and export)."""
+    step = latest_step(workdir) if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')!r}")
     target = abstract_params if shardings is None else abstract_with_shardings(abstract_params, shardings)

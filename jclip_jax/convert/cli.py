@@ -5,6 +5,9 @@
       Assemble a jina-clip HF directory from pretrained towers (the paper's stage-1 init): the image
       tower from a timm EVA02 state dict, the text tower from a Jina-BERT-v2 state dict. A tower left out
       keeps its random init (and is reported).
+  jclip-convert to-torch --checkpoint WORKDIR --output DIR [--step N]
+      Export a training workdir's latest (or step N) params to the jina-clip HF layout that
+      JinaCLIP.from_pretrained (and jina-clip's PyTorch code) reads, with the run's tokenizer.
   jclip-convert check DIR
       Load a jina-clip HF directory (config.json + model.safetensors) and print a summary.
 
@@ -67,6 +70,29 @@ def from_towers(args) -> dict:
     return report
 
 
+def to_torch(args) -> dict:
+    import ml_collections
+
+    from jclip_jax import JinaCLIP, checkpoints
+    from jclip_jax.convert import hf_layout
+    from jclip_jax.tokenizer import TextTokenizer
+
+    config = checkpoints.restore_config(args.checkpoint)
+    model_cfg = ml_collections.ConfigDict(config.model.to_dict())
+    model_cfg.matryoshka_dimensions = tuple(model_cfg.matryoshka_dimensions)
+    tok_path = config.data.get("tokenizer_path")
+    tokenizer = TextTokenizer(tok_path) if tok_path and os.path.exists(tok_path) else None
+    abstract = hf_layout.abstract_model(JinaCLIP, model_cfg, tokenizer=tokenizer)
+    from flax import nnx
+
+    params, step = checkpoints.restore_params(args.checkpoint, nnx.state(abstract, nnx.Param), step=args.step)
+    graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
+    model = nnx.merge(graphdef, params, rest)
+    model.save_pretrained(args.output)
+    return {"output": args.output, "checkpoint": args.checkpoint, "step": int(step),
+            "tokenizer": tok_path if tokenizer else None}
+
+
 def check(args) -> dict:
     from jclip_jax import JinaCLIP
     from jclip_jax.convert.hf_layout import flax_params
@@ -95,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="init seed of anything not imported")
     p.add_argument("--output", required=True)
     p.set_defaults(run=from_towers)
+    p = sub.add_parser("to-torch", help="export a training workdir's checkpoint to the jina-clip HF layout")
+    p.add_argument("--checkpoint", required=True, help="the training workdir (or a gs:// path)")
+    p.add_argument("--step", type=int, default=None, help="a checkpointed step (default: the latest)")
+    p.add_argument("--output", required=True)
+    p.set_defaults(run=to_torch)
     p = sub.add_parser("check", help="load a jina-clip directory and summarise it")
     p.add_argument("directory")
     p.set_defaults(run=check)
