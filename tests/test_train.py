@@ -123,8 +123,8 @@ def test_stage_chaining_and_export(tmp_path, synthetic_dir):
     assert checkpoints.latest_step(str(tmp_path / "stage2")) == 3  # its own step counter
     mngr = checkpoints.manager(str(tmp_path / "stage2"))
     graphdef, state, shardings = train.train_step.create_train_state(
-        lambda: JinaCLIP(stage2.model, rngs=nnx.Rngs(0)), train.optim.make_optimizer(train_config.optim_for_run(stage2)),
-        train.sharding.make_mesh(stage2.mesh))
+        lambda: JinaCLIP(stage2.model, rngs=nnx.Rngs(0)),
+        train.optim.make_optimizer(train_config.optim_for_run(stage2)), train.sharding.make_mesh(stage2.mesh))
     restored = checkpoints.restore(mngr, 3, jax.eval_shape(lambda: state), shardings, None)
     counts = [np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(restored["opt_state"])
               if "count" in jax.tree_util.keystr(p)]
