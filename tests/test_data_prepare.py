@@ -172,7 +172,11 @@ def test_record_schema_rejects_bad_records():
 def test_synthetic_dataset(tmp_path, capsys):
     summary = run_cli(["synthetic", "--output", str(tmp_path), "--num-train", "16", "--num-eval", "120",
                        "--num-text-pairs", "10", "--num-triplets", "5"], capsys)
-    assert summary == {"written": 16 + 120 + 2 * 10 + 5, "skipped": {}}
+    held_out_pairs = len(synthetic.OBJECTS)  # eval_text_pairs: one per distinct caption
+    assert summary == {"written": 16 + 120 + 2 * 10 + 5 + held_out_pairs, "skipped": {}}
+    pairs = read_all(tmp_path / "eval_text_pairs", "text_pair")["paraphrase"]
+    assert len({r["query"] for r in pairs}) == held_out_pairs
+    assert all(r["query"] != r["positive"] for r in pairs)
     evals = read_all(tmp_path / "eval", "image_text")["synthetic"]
     captions = [r["captions"][0] for r in evals]
     assert len(set(captions)) == 120  # chance-level R@1 = 1/120 < 1%
