@@ -119,6 +119,20 @@ def iter_webdataset(patterns: str | Sequence[str]) -> Iterator[dict | Skip]:
             yield _webdataset_sample(key, files, path)
 
 
+def _image_file_record(image_root: str, file: str, captions: list[str]) -> dict | Skip:
+    """An image_text record for an image file on disk, or the reason it is skipped."""
+    path = os.path.join(image_root, file)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return Skip("missing_image", f"{path}: {e}")
+    problem = image_problem(data)
+    if problem is not None:
+        return Skip("unreadable_image", f"{path}: {problem}")
+    return {"key": file, "image": data, "captions": captions}
+
+
 def _read_table(path: str) -> Iterator[dict | Skip]:
     """Rows of a CSV (with a header) or a JSONL file as dicts; bad JSON lines become Skips."""
     if path.endswith((".jsonl", ".json")):
@@ -159,18 +173,7 @@ def iter_folder(captions_file: str, image_root: str | None = None, file_column: 
         if not isinstance(caption, str) or not caption.strip():
             yield Skip("missing_caption", f"{captions_file}: {file}")
             continue
-        path = os.path.join(image_root, file)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            yield Skip("missing_image", f"{path}: {e}")
-            continue
-        problem = image_problem(data)
-        if problem is not None:
-            yield Skip("unreadable_image", f"{path}: {problem}")
-            continue
-        yield {"key": file, "image": data, "captions": [caption]}
+        yield _image_file_record(image_root, file, [caption])
 
 
 def _coco_items(annotations: dict, path: str, split: str | None) -> Iterator[tuple[str, list[str]] | Skip]:
@@ -221,18 +224,7 @@ def iter_coco(annotations_file: str, image_root: str, split: str | None = None) 
             yield item
             continue
         file, captions = item
-        path = os.path.join(image_root, file)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            yield Skip("missing_image", f"{path}: {e}")
-            continue
-        problem = image_problem(data)
-        if problem is not None:
-            yield Skip("unreadable_image", f"{path}: {problem}")
-            continue
-        yield {"key": file, "image": data, "captions": captions}
+        yield _image_file_record(image_root, file, captions)
 
 
 def iter_text_jsonl(
