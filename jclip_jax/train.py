@@ -125,10 +125,17 @@ def load_initial_params(state, shardings, params, tx):
     """A fresh train state (new optimizer, step 0) around `params` (an nnx.State or flat dict)."""
     import jax.numpy as jnp
 
-    if not isinstance(params, nnx.State):
-        flat = [(path, var.replace(jnp.asarray(params[tuple(str(p) for p in path)], var.dtype)))
-                for path, var in nnx.to_flat_state(state["params"])]
-        params = nnx.from_flat_state(flat)
+    if isinstance(params, nnx.State):
+        params = {tuple(str(p) for p in path): v[...] for path, v in nnx.to_flat_state(params)}
+    flat = []
+    for path, var in nnx.to_flat_state(state["params"]):
+        key = tuple(str(p) for p in path)
+        if key not in params or tuple(params[key].shape) != tuple(var.shape):
+            got = tuple(params[key].shape) if key in params else "nothing"
+            raise ValueError(f"config.init: parameter {'/'.join(key)} should be {tuple(var.shape)}, the initial "
+                             f"weights have {got}; does config.model match them?")
+        flat.append((path, var.replace(jnp.asarray(params[key], var.dtype))))
+    params = nnx.from_flat_state(flat)
     params = jax.device_put(params, shardings["params"])
     opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
     return {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.zeros((), jnp.int32),
