@@ -83,6 +83,18 @@ def with_synthetic_paths(config):
     return config
 
 
+def check_paths_exist(config) -> None:
+    """Every input path the config names, checked at once before any compute (local paths only)."""
+    named = {"data.image_text_dir": config.data.image_text_dir, "data.text_dir": config.data.text_dir,
+             "data.tokenizer_path": config.data.tokenizer_path, "init.checkpoint": config.init.checkpoint,
+             "init.eva02": config.init.eva02, "init.jina_bert": config.init.jina_bert,
+             "evals.image_text_dir": config.evals.image_text_dir, "evals.text_pairs_dir": config.evals.text_pairs_dir}
+    missing = [f"config.{k}={v!r}" for k, v in named.items()
+               if v and "://" not in v and not v.startswith("tfds:") and not os.path.exists(v)]
+    if missing:
+        raise FileNotFoundError("these paths do not exist: " + ", ".join(missing))
+
+
 def check_tokenizer(config) -> None:
     from jclip_jax.tokenizer import TextTokenizer
 
@@ -163,6 +175,7 @@ def train(config, workdir: str) -> dict:
     maybe_initialize_distributed()
     if config.data.synthetic_dir:
         prepare_synthetic_if_absent(config)
+    check_paths_exist(config)
     check_tokenizer(config)
     tasks = train_step.losses.check_loss_config(config.loss)
 

@@ -148,4 +148,9 @@ def test_bad_config_fails_before_compute(tmp_path):
     assert out.returncode == 2 and "config.total_steps=-5" in out.stderr
     out = subprocess.run(cmd + ["--config.data.crop_scale=(0.5,2.0)"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and "crop_scale" in out.stderr
+    stage1 = os.path.join(REPO, "configs", "jina_clip_v1", "stage1.py") + ":runlocal"
+    out = subprocess.run([sys.executable, "-m", "jclip_jax.train", f"--config={stage1}", f"--workdir={tmp_path}"],
+                         capture_output=True, text=True, cwd=str(tmp_path))
+    assert out.returncode == 2 and "these paths do not exist" in out.stderr
+    assert "config.data.image_text_dir='data/laion400m'" in out.stderr and "config.init.eva02=" in out.stderr
     assert not os.path.exists(tmp_path / "checkpoints")
