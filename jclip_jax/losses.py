@@ -12,8 +12,10 @@ the references that the sharded forms below are tested against.
 Across devices (`sharded_infonce`), each device holds its own rows of q, p (and negatives). It computes
 the log-sum-exp of only its own rows of the logits against all columns, in both directions, so no device
 ever holds a global x global matrix:
-  'plain': all-gather the embeddings (gradients flow back through the gather as a reduce-scatter) and
-           build the local (B_local, B_global) logits block.
+  'plain': all-gather the embeddings, in a short loop over slices of each device's rows (two halves when
+           B_local is even), and build the local (B_local, B_global) logits block one slice of columns at
+           a time. A custom VJP recomputes the logits backward and gathers the rows with their lse and
+           cotangent for the columns' gradient, as 'tiled' does, so nothing is reduce-scattered.
   'tiled': never gathers. Column chunks travel around a ring of devices (ppermute) and are cut into tiles
            of `tile_size` columns; an online log-sum-exp keeps O(B_local x tile) memory. A custom VJP
            recomputes each tile in the backward pass, where the rows travel the ring as well, with their
@@ -107,16 +109,33 @@ def _ring_step(x, axes, ring_size):
     return jax.lax.ppermute(x, axes, perm=[(i, (i + 1) % ring_size) for i in range(ring_size)])
 
 
+def _gather_pieces(n: int) -> int:
+    """How many pieces the plain form all-gathers a device's n rows in: the smallest divisor of n above 1."""
+    return next((k for k in range(2, n + 1) if n % k == 0), 1)
+
+
 def _chunks(x, axes, ring_size, gather, body, init):
     """Fold `body(chunk, acc)` over every device's chunk of the pytree x (this device's included).
 
-    gather=True: one all-gathered chunk (the plain form). gather=False: the chunks travel a ring,
-    one ppermute per step, so at most one foreign chunk is alive at a time (the tiled form).
+    gather=True (the plain form): a loop over `_gather_pieces` slices of the local rows; each step
+    all-gathers one slice from every device (a chunk of 1/pieces of the global rows). The gather lives inside
+    the loop body, so XLA can neither keep a whole gathered matrix alive across phases nor merge (CSE) one
+    phase's gather or logits with another's, which would leave several gathered matrices and logits blocks
+    alive at once (XLA's CPU pipeline drops the optimization barriers). gather=False (the tiled form): the
+    chunks travel a ring, one ppermute per step, so at most one foreign chunk is alive at a time.
     """
     if not axes:
         return body(x, init)
     if gather:
-        return body(jax.tree.map(lambda a: jax.lax.all_gather(a, axes, tiled=True), x), init)
+        n = jax.tree.leaves(x)[0].shape[0]
+        pieces = _gather_pieces(n)
+        size = n // pieces
+
+        def gather_step(k, acc):
+            piece = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, k * size, size), x)
+            return body(jax.tree.map(lambda a: jax.lax.all_gather(a, axes, tiled=True), piece), acc)
+
+        return jax.lax.fori_loop(0, pieces, gather_step, init)
 
     def step(_, carry):
         chunk, acc = carry
