@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from jclip_jax import checkpoints, flops, optim, sharding, train_config, train_step
+from jclip_jax import checkpoints, flops, losses, optim, sharding, train_config, train_step
 from jclip_jax.data import pipeline
 from jclip_jax.models.clip import JinaCLIP
 from jclip_jax.train_eval import RetrievalEvaluator
@@ -177,7 +177,7 @@ def train(config, workdir: str) -> dict:
         prepare_synthetic_if_absent(config)
     check_paths_exist(config)
     check_tokenizer(config)
-    tasks = train_step.losses.check_loss_config(config.loss)
+    tasks = losses.check_loss_config(config.loss)
 
     mesh = sharding.make_mesh(config.mesh)
     batch_axes = sharding.batch_axes(mesh)
