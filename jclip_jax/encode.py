@@ -25,7 +25,7 @@ def _image_features(model, pixels):
     return model.image_features(pixels)
 
 
-def _finish(features: np.ndarray, truncate_dim: int | None) -> np.ndarray:
+def normalize_rows(features: np.ndarray, truncate_dim: int | None = None) -> np.ndarray:
     """Matryoshka truncation first (keep the first k dims), then L2 normalisation, as jina-clip does."""
     if truncate_dim is not None:
         if not 0 < truncate_dim <= features.shape[-1]:
@@ -34,10 +34,14 @@ def _finish(features: np.ndarray, truncate_dim: int | None) -> np.ndarray:
     return features / np.maximum(np.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
 
 
-def _pad_rows(x: np.ndarray, rows: int, fill) -> np.ndarray:
+def pad_to_batch(x: np.ndarray, rows: int, pad_id: int | None = None) -> np.ndarray:
+    """Pad (n, ...) to (rows, ...) so every call has the same shape. Pixels pad with 0; token ids
+    (pad_id given) with pad_id, plus one real token per padding row so mean pooling has no 0/0."""
     if x.shape[0] == rows:
         return x
-    pad = np.full((rows - x.shape[0], *x.shape[1:]), fill, x.dtype)
+    pad = np.full((rows - x.shape[0], *x.shape[1:]), 0 if pad_id is None else pad_id, x.dtype)
+    if pad_id is not None:
+        pad[:, 0] = 1
     return np.concatenate([x, pad])
 
 
@@ -54,12 +58,10 @@ def encode_text(model, texts: Sequence[str], batch_size: int = 32, truncate_dim:
     for start in range(0, len(texts), batch_size):
         ids = model.tokenizer(texts[start:start + batch_size], max_length=max_length)
         n = ids.shape[0]
-        ids = _pad_rows(ids, batch_size, model.tokenizer.pad_id)
-        # padding rows are all-pad: give them one real token so the mean pooling has no 0/0
-        ids[n:, 0] = 1
+        ids = pad_to_batch(ids, batch_size, model.tokenizer.pad_id)
         out.append(np.asarray(_text_features(model, jnp.asarray(ids)))[:n])
     features = np.concatenate(out) if out else np.zeros((0, model.embed_dim), np.float32)
-    return _finish(features, truncate_dim)
+    return normalize_rows(features, truncate_dim)
 
 
 def encode_image(model, images: Sequence, batch_size: int = 32, truncate_dim: int | None = None) -> np.ndarray:
@@ -71,7 +73,7 @@ def encode_image(model, images: Sequence, batch_size: int = 32, truncate_dim: in
     for start in range(0, len(images), batch_size):
         pixels = np.stack([eval_transform(im, size) for im in images[start:start + batch_size]])
         n = pixels.shape[0]
-        pixels = _pad_rows(pixels, batch_size, 0.0)
+        pixels = pad_to_batch(pixels, batch_size)
         out.append(np.asarray(_image_features(model, jnp.asarray(pixels)))[:n])
     features = np.concatenate(out) if out else np.zeros((0, model.embed_dim), np.float32)
-    return _finish(features, truncate_dim)
+    return normalize_rows(features, truncate_dim)

@@ -17,11 +17,13 @@ import signal
 import sys
 
 import jax
+import jax.numpy as jnp
 from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
 from jclip_jax import checkpoints, flops, losses, optim, sharding, train_config, train_step
+from jclip_jax.convert import hf_layout
 from jclip_jax.data import pipeline
 from jclip_jax.models.clip import JinaCLIP
 from jclip_jax.train_eval import RetrievalEvaluator
@@ -113,7 +115,7 @@ def initial_params(config, abstract_params):
     config.init.checkpoint: a jina-clip HF directory (config.json) or a previous stage's workdir;
     config.init.eva02 / jina_bert: pretrained towers (stage 1).
     """
-    from jclip_jax.convert import hf_layout, towers
+    from jclip_jax.convert import towers
     from jclip_jax.convert.cli import read_weights
 
     init = config.init
@@ -135,19 +137,10 @@ def initial_params(config, abstract_params):
 
 def load_initial_params(state, shardings, params, tx):
     """A fresh train state (new optimizer, step 0) around `params` (an nnx.State or flat dict)."""
-    import jax.numpy as jnp
-
     if isinstance(params, nnx.State):
-        params = {tuple(str(p) for p in path): v[...] for path, v in nnx.to_flat_state(params)}
-    flat = []
-    for path, var in nnx.to_flat_state(state["params"]):
-        key = tuple(str(p) for p in path)
-        if key not in params or tuple(params[key].shape) != tuple(var.shape):
-            got = tuple(params[key].shape) if key in params else "nothing"
-            raise ValueError(f"config.init: parameter {'/'.join(key)} should be {tuple(var.shape)}, the initial "
-                             f"weights have {got}; does config.model match them?")
-        flat.append((path, var.replace(jnp.asarray(params[key], var.dtype))))
-    params = nnx.from_flat_state(flat)
+        params = hf_layout.flat_values(params)
+    params = hf_layout.with_values(state["params"], params,
+                                   what="config.init (does config.model match the initial weights?)")
     params = jax.device_put(params, shardings["params"])
     opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
     return {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.zeros((), jnp.int32),

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jclip_jax import evaluate
+from jclip_jax import encode, evaluate
 from jclip_jax.data import pipeline, records
 from jclip_jax.tokenizer import TextTokenizer
 
@@ -49,26 +49,20 @@ class RetrievalEvaluator:
 
         self._text, self._image = text_features, image_features
 
-    def _embed(self, fn, params, x: np.ndarray, fill) -> np.ndarray:
+    def _embed(self, fn, params, x: np.ndarray, pad_id: int | None = None) -> np.ndarray:
         """Fixed-size batches (one compile), padded rows dropped; L2-normalised float32 (N, D)."""
         out = []
         for start in range(0, len(x), self.batch_size):
             chunk = x[start:start + self.batch_size]
-            n = len(chunk)
-            if n < self.batch_size:
-                pad = np.full((self.batch_size - n, *chunk.shape[1:]), fill, chunk.dtype)
-                if fill == self.pad_id and chunk.dtype == np.int32:
-                    pad[:, 0] = 1  # one real token: no 0/0 in the mean pooling of padding rows
-                chunk = np.concatenate([chunk, pad])
-            out.append(np.asarray(fn(params, jnp.asarray(chunk)))[:n])
-        emb = np.concatenate(out)
-        return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+            padded = encode.pad_to_batch(chunk, self.batch_size, pad_id)
+            out.append(np.asarray(fn(params, jnp.asarray(padded)))[:len(chunk)])
+        return encode.normalize_rows(np.concatenate(out))
 
     def __call__(self, params) -> dict[str, float]:
         results = {}
         if self.image_text is not None:
             s = self.image_text
-            images = self._embed(self._image, params, s["images"], 0.0)
+            images = self._embed(self._image, params, s["images"])
             texts = self._embed(self._text, params, s["text"], self.pad_id)
             results.update(evaluate.image_text_retrieval(images, texts, s["text_image"]))
             results["eval_decode_failures"] = int(s["decode_failures"])

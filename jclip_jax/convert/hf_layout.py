@@ -114,9 +114,39 @@ def config_from_hf(hf: dict, source: str = CONFIG_FILE) -> ml_collections.Config
     return cfg
 
 
+def path_key(path) -> tuple[str, ...]:
+    return tuple(str(p) for p in path)
+
+
+def flat_values(state) -> dict[tuple[str, ...], jax.Array]:
+    """Flat {path: array} of an nnx.State's values."""
+    return {path_key(path): v.get_value() for path, v in nnx.to_flat_state(state)}
+
+
 def flax_params(model) -> dict[tuple[str, ...], jax.Array]:
     """Flat {path: array} of a model's nnx.Param values."""
-    return {tuple(str(p) for p in path): v.get_value() for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return flat_values(nnx.state(model, nnx.Param))
+
+
+def with_values(state, params: dict[tuple[str, ...], np.ndarray], *, partial: bool = False,
+                what: str = "weights"):
+    """`state` with its values replaced from flat `params` (cast to each variable's dtype).
+
+    Every variable must be in `params` with its own shape, unless partial=True (then absent ones keep
+    their value); a mismatch fails naming the parameter and both shapes.
+    """
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        key = path_key(path)
+        if key in params:
+            if tuple(np.shape(params[key])) != tuple(var.shape):
+                raise ValueError(f"{what}: parameter {'/'.join(key)} should be {tuple(var.shape)}, "
+                                 f"got {tuple(np.shape(params[key]))}")
+            var = var.replace(jnp.asarray(params[key], dtype=var.dtype))
+        elif not partial:
+            raise ValueError(f"{what}: no value for parameter {'/'.join(key)}")
+        flat.append((path, var))
+    return nnx.from_flat_state(flat)
 
 
 def abstract_model(model_cls, cfg, tokenizer=None):
@@ -127,15 +157,7 @@ def abstract_model(model_cls, cfg, tokenizer=None):
 def merge_params(abstract, params: dict[tuple[str, ...], np.ndarray]):
     """Fill an abstract model's params with arrays (cast to each param's dtype)."""
     graphdef, state = nnx.split(abstract)
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        key = tuple(str(p) for p in path)
-        if key in params:
-            var = var.replace(jnp.asarray(params[key], dtype=var.dtype))
-        elif isinstance(var.get_value(), jax.ShapeDtypeStruct):
-            raise ValueError(f"no value for parameter {'/'.join(key)}")
-        flat.append((path, var))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return nnx.merge(graphdef, with_values(state, params))
 
 
 def read_config(directory) -> ml_collections.ConfigDict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -89,15 +88,7 @@ def _import_tower(model, jina_sd, entries, what):
     shapes = {k: tuple(v.shape) for k, v in hf_layout.flax_params(model).items()}
     torch_layout.check_keys(model.cfg, jina_sd, shapes, what=what, entries=entries)
     params = torch_layout.to_flax(model.cfg, jina_sd, shapes, entries=entries)
-    _assign(model, params)
-
-
-def _assign(model, params):
-    """Overwrite the params named in `params` ({flax path: array}) in place."""
-    flat = [(path, var.replace(jnp.asarray(params[tuple(str(p) for p in path)], dtype=var.dtype)))
-            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
-            if tuple(str(p) for p in path) in params]
-    nnx.update(model, nnx.from_flat_state(flat))
+    nnx.update(model, hf_layout.with_values(nnx.state(model, nnx.Param), params, partial=True, what=what))
 
 
 def import_timm_eva02(model, state_dict, what: str = "timm EVA02 state dict") -> list[str]:
