@@ -95,11 +95,16 @@ def state_shardings(abstract_state, mesh: Mesh, rules=DEFAULT_RULES):
     The names are read with `nnx.get_partition_spec` (metadata key `out_sharding`); variables without
     names are replicated.
     """
+    import optax
     from flax import nnx
 
+    def sharding_of(x, spec):
+        if isinstance(x, optax.MaskedNode):  # optimizer state of a frozen parameter: holds nothing
+            return x
+        return NamedSharding(mesh, logical_to_mesh_spec(spec, x.shape, mesh, rules))
+
     specs = nnx.get_partition_spec(abstract_state)
-    return jax.tree.map(lambda spec, x: NamedSharding(mesh, logical_to_mesh_spec(spec, x.shape, mesh, rules)),
-                        specs, abstract_state)
+    return jax.tree.map(sharding_of, abstract_state, specs, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
 
 def batch_axes(mesh: Mesh, rules=DEFAULT_RULES) -> tuple[str, ...]:

@@ -124,3 +124,34 @@ def test_bad_step_settings_fail_early():
     with pytest.raises(ValueError, match="not divisible by micro_batches=3"):
         train_step.check_batch({"text_query": np.zeros((16, 4)), "text_passage": np.zeros((16, 4))},
                                ("text_pair",), 3, 8)
+
+
+def test_frozen_tower_stays_bit_identical_and_holds_no_optimizer_state():
+    mesh = sharding.make_mesh([("data", -1)])
+    tx = optim.make_optimizer(optim.default_config(1, peak_lr=1e-2, warmup_steps=0, total_steps=10,
+                                                   frozen=("^vision_model/",)))
+    graphdef, state, shardings = train_step.create_train_state(
+        lambda: JinaCLIP(configs.tiny(), rngs=nnx.Rngs(0)), tx, mesh)
+    adam_leaves = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state["opt_state"])]
+    assert adam_leaves and not any("vision_model" in p for p in adam_leaves)
+    assert any("text_model" in p for p in adam_leaves)
+
+    before = jax.tree.map(np.asarray, nnx.to_pure_dict(state["params"]))
+    step = train_step.make_train_step(graphdef, tx, loss_config(), mesh, shardings)
+    for i in range(2):
+        state, _ = step(state, tiny_batch(np.random.default_rng(i), 16, ("text_pair", "image_text")),
+                        jax.random.key(i))
+    after = jax.tree.map(np.asarray, nnx.to_pure_dict(state["params"]))
+    jax.tree.map(np.testing.assert_array_equal, before["vision_model"], after["vision_model"])
+    changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), before["text_model"],
+                                           after["text_model"]))
+    assert all(changed)
+
+
+@pytest.mark.parametrize("patterns,message", [(("^nothing/",), "matches no parameter"),
+                                              ((".*",), "freezes every parameter")])
+def test_bad_frozen_patterns_fail_naming_the_pattern(patterns, message):
+    tx = optim.make_optimizer(optim.default_config(1, frozen=patterns))
+    params = nnx.state(nnx.eval_shape(lambda: JinaCLIP(configs.tiny(), rngs=nnx.Rngs(0))), nnx.Param)
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(tx.init, params)
