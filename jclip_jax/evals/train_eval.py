@@ -1,15 +1,22 @@
-"""Evaluation during training: zero-shot image<->text retrieval and text-pair retrieval on held-out sets
-(config.evals), as Recall@1/5/10 with the chance level of each set."""
+"""Evaluation during training (config.evals), with jclip-eval's tasks and embedding code.
+
+    config.evals.image_text_dir   a prepared image-text set: image<->text R@1/5/10 (keys as before:
+                                  image_to_text_r1, ..., chance_r1, eval_decode_failures)
+    config.evals.text_pairs_dir   prepared text pairs: text->text R@k (text_to_text_r1, ...)
+    config.evals.tasks            {name: task spec} of any jclip-eval task type (evals/tasks.py), reported
+                                  as "<name>/<metric>", e.g. tasks.coco = dict(type="image_text",
+                                  data="dataset_coco.json", images="coco/", split="val")
+
+Sets are read once; every call embeds them with the current params in fixed-shape batches sharded over
+the training mesh.
+"""
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-
-from jclip_jax import encode, evaluate
-from jclip_jax.data import pipeline, records
+from jclip_jax.data import records
+from jclip_jax.encode import normalize_rows
+from jclip_jax.evals import metrics, tasks
+from jclip_jax.evals.embed import Embedder
 from jclip_jax.tokenizer import TextTokenizer
 
 
@@ -22,52 +29,44 @@ def _read_text_pairs(directory: str) -> tuple[list[str], list[str]]:
     return [r["query"] for r in rows], [r["positive"] for r in rows]
 
 
-class RetrievalEvaluator:
+def task_specs(config) -> dict[str, dict]:
+    """config.evals.tasks checked (type, keys, paths): raises naming config.evals.tasks.<name>."""
+    specs = config.evals.get("tasks") or {}
+    return {name: tasks.check_spec(spec.to_dict() if hasattr(spec, "to_dict") else dict(spec),
+                                   where=f"config.evals.tasks.{name}") for name, spec in specs.items()}
+
+
+class Evaluator:
     """Loads the held-out sets once; `evaluator(params)` -> {metric: value} (empty without eval sets)."""
 
-    def __init__(self, config, graphdef):
-        self.graphdef, self.batch_size = graphdef, config.evals.batch_size
-        self.image_text = self.text_pairs = None
-        max_length = config.data.image_max_length
+    def __init__(self, config, graphdef, mesh=None, batch_axes=None):
+        self.embedder = Embedder(graphdef, mesh, config.evals.batch_size, batch_axes=batch_axes)
+        tokenizer = TextTokenizer(config.data.tokenizer_path)
+        size = config.model.vision.image_size
+        # captions are tokenised as in training's image-text batches, text tasks as its text batches
+        self.image_ctx = tasks.Context(self.embedder, tokenizer, size, config.data.image_max_length)
+        self.text_ctx = tasks.Context(self.embedder, tokenizer, size, config.data.text_max_length)
+        self.sets = {}
         if config.evals.image_text_dir:
-            self.image_text = pipeline.retrieval_eval_set(
-                config.evals.image_text_dir, config.data.tokenizer_path, config.model.vision.image_size, max_length)
-        if config.evals.text_pairs_dir:
-            tok = TextTokenizer(config.data.tokenizer_path)
-            queries, positives = _read_text_pairs(config.evals.text_pairs_dir)
-            self.text_pairs = (tok(queries, config.data.text_max_length, buckets=None),
-                               tok(positives, config.data.text_max_length, buckets=None))
-        self.pad_id = config.model.text.pad_token_id
-
-        @jax.jit
-        def text_features(params, ids):
-            return nnx.merge(graphdef, params).text_features(ids)
-
-        @jax.jit
-        def image_features(params, pixels):
-            return nnx.merge(graphdef, params).image_features(pixels)
-
-        self._text, self._image = text_features, image_features
-
-    def _embed(self, fn, params, x: np.ndarray, pad_id: int | None = None) -> np.ndarray:
-        """Fixed-size batches (one compile), padded rows dropped; L2-normalised float32 (N, D)."""
-        out = []
-        for start in range(0, len(x), self.batch_size):
-            chunk = x[start:start + self.batch_size]
-            padded = encode.pad_to_batch(chunk, self.batch_size, pad_id)
-            out.append(np.asarray(fn(params, jnp.asarray(padded)))[:len(chunk)])
-        return encode.normalize_rows(np.concatenate(out))
+            self.sets[""] = tasks.load({"type": "image_text", "data": config.evals.image_text_dir},
+                                       where="config.evals.image_text_dir")
+        for name, spec in task_specs(config).items():
+            self.sets[name] = tasks.load(spec, where=f"config.evals.tasks.{name}")
+        self.text_pairs = _read_text_pairs(config.evals.text_pairs_dir) if config.evals.text_pairs_dir else None
 
     def __call__(self, params) -> dict[str, float]:
         results = {}
-        if self.image_text is not None:
-            s = self.image_text
-            images = self._embed(self._image, params, s["images"])
-            texts = self._embed(self._text, params, s["text"], self.pad_id)
-            results.update(evaluate.image_text_retrieval(images, texts, s["text_image"]))
-            results["eval_decode_failures"] = int(s["decode_failures"])
+        for name, data in self.sets.items():
+            ctx = self.image_ctx if data["type"] in ("image_text", "zeroshot") else self.text_ctx
+            out = tasks.evaluate(data, ctx, params)[None]
+            if name:
+                results.update({f"{name}/{k}": v for k, v in out.items()})
+            else:  # the default set keeps the trainer's original keys
+                results.update({k: out[k] for k in out if k.startswith(("image_to_text", "text_to_image", "chance"))})
+                results["eval_decode_failures"] = int(out["decode_failures"] + out["skipped_records"])
         if self.text_pairs is not None:
-            q = self._embed(self._text, params, self.text_pairs[0], self.pad_id)
-            p = self._embed(self._text, params, self.text_pairs[1], self.pad_id)
-            results.update(evaluate.text_pair_retrieval(q, p))
+            ctx = self.text_ctx
+            q = self.embedder.texts(params, ctx.tokenizer, self.text_pairs[0], ctx.max_length)
+            p = self.embedder.texts(params, ctx.tokenizer, self.text_pairs[1], ctx.max_length)
+            results.update(metrics.text_pair_retrieval(normalize_rows(q), normalize_rows(p)))
         return results
