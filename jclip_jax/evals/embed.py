@@ -74,7 +74,7 @@ class Embedder:
     def _run(self, fn: Callable, params, batch: np.ndarray, pad_id: int | None = None) -> np.ndarray:
         n = batch.shape[0]
         out = fn(params, self._global(pad_to_batch(batch, self.batch_size, pad_id)))
-        return np.asarray(jax.device_get(out), np.float32)[:n]
+        return np.asarray(out.addressable_data(0), np.float32)[:n]  # replicated: any local copy is all of it
 
     def _chunks(self, n: int, desc: str):
         starts = range(0, n, self.batch_size)
@@ -86,12 +86,19 @@ class Embedder:
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
     def texts(self, params, tokenizer, texts: Sequence[str], max_length: int, desc: str = "text") -> np.ndarray:
-        """Strings -> float32 (N, D) features; each batch padded to a token bucket (few compiles)."""
+        """Strings -> float32 (N, D) features in input order; each batch padded to a token bucket (few
+        compiles). Texts are batched shortest first, so a corpus of mixed lengths pads little."""
+        order = np.argsort([len(t) for t in texts], kind="stable")
         out = []
         for s in self._chunks(len(texts), desc):
-            ids = tokenizer(list(texts[s:s + self.batch_size]), max_length, buckets=DEFAULT_BUCKETS)
+            ids = tokenizer([texts[i] for i in order[s:s + self.batch_size]], max_length, buckets=DEFAULT_BUCKETS)
             out.append(self._run(self._text, params, ids, tokenizer.pad_id))
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+        if not out:
+            return np.zeros((0, 0), np.float32)
+        stacked = np.concatenate(out)
+        feats = np.empty_like(stacked)
+        feats[order] = stacked
+        return feats
 
     def pixels(self, params, pixels: np.ndarray, desc: str = "images") -> np.ndarray:
         """float32 (N, S, S, 3) CLIP-normalised -> float32 (N, D) features."""
