@@ -7,6 +7,7 @@ setup(
     version="0.1.0",
     description="jina-clip (JinaBERT + EVA02 dual encoder) training in JAX/Flax NNX",
     packages=find_packages(include=["jclip_jax", "jclip_jax.*"]),
+    package_data={"jclip_jax.evals": ["default_templates.txt"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",
@@ -30,9 +31,13 @@ setup(
         # (an unpinned torch pulls a CUDA build).
         "torch": ["torch", "timm", "open_clip_torch"],
         "tfds": ["tensorflow-datasets", "importlib_resources"],
+        # jclip-eval's harness adapters (mteb, clip_benchmark) and the Matryoshka plot; CI tests run them.
+        "eval": ["mteb>=2.26,<2.27", "clip-benchmark==1.6.2", "matplotlib"],
         "test": [
             "pytest", "pytest-xdist", "ruff", "torch", "timm", "open_clip_torch",
             "tensorflow-datasets", "importlib_resources",
+            "mteb>=2.26,<2.27", "clip-benchmark==1.6.2", "matplotlib",  # = the eval extra
+            "nbclient", "nbformat", "ipykernel",  # notebooks executed in CI
         ],
     },
     entry_points={
@@ -40,6 +45,7 @@ setup(
             "jclip-convert=jclip_jax.convert.cli:main",
             "jclip-prepare=jclip_jax.data.prepare:main",
             "jclip-train=jclip_jax.train:run",
+            "jclip-eval=jclip_jax.evals.cli:main",
         ],
     },
 )

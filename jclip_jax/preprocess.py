@@ -1,8 +1,9 @@
 """Image preprocessing of jina-clip (spec §1.4), shared by the model-card API and the data pipeline.
 
-Evaluation transform, exactly as `JinaCLIPImageProcessor`: shorter side -> `size` with PIL bicubic
-(antialiased), longer side int(size * long / short); centre crop with top = round((H - size) / 2);
-RGB; /255; normalise with the OpenAI CLIP mean/std.
+Evaluation transform, exactly as `JinaCLIPImageProcessor` (open_clip's Resize, CenterCrop, then
+convert to RGB): shorter side -> `size` with PIL bicubic (antialiased), longer side
+int(size * long / short); centre crop with top = round((H - size) / 2); both in the image's own mode,
+RGB last; /255; normalise with the OpenAI CLIP mean/std.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ CLIP_STD = np.asarray((0.26862954, 0.26130258, 0.27577711), np.float32)
 
 
 def load_image(image: Image.Image | str | os.PathLike) -> Image.Image:
-    """Open a path (or pass a PIL image through) as an RGB PIL image; names the file on failure."""
+    """Open a path (or pass a PIL image through) in the image's own mode; names the file on failure."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return image
     try:
         with Image.open(image) as img:
-            return img.convert("RGB")
+            img.load()
+        return img
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read image {os.fspath(image)!r}: {e}") from e
 
@@ -53,7 +55,9 @@ def normalize(pixels: np.ndarray) -> np.ndarray:
 
 def eval_transform(image: Image.Image | str | os.PathLike, size: int = 224) -> np.ndarray:
     """One image -> float32 (size, size, 3), NHWC-ready, the way jina-clip evaluates."""
-    img = center_crop(resize_shortest_side(load_image(image), size), size)
+    # Jina's order: resize and crop in the image's own mode, RGB last. Converting first changes the pixels
+    # of RGBA/LA (PIL resamples those with premultiplied alpha) and P (resampled nearest) images.
+    img = center_crop(resize_shortest_side(load_image(image), size), size).convert("RGB")
     return normalize(np.asarray(img, dtype=np.uint8))
 
 

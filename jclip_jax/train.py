@@ -25,8 +25,8 @@ from ml_collections import config_flags
 from jclip_jax import checkpoints, flops, losses, optim, sharding, train_config, train_step
 from jclip_jax.convert import hf_layout
 from jclip_jax.data import pipeline
+from jclip_jax.evals.train_eval import Evaluator
 from jclip_jax.models.clip import JinaCLIP
-from jclip_jax.train_eval import RetrievalEvaluator
 from jclip_jax.train_metrics import MetricsWriter
 
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -197,7 +197,7 @@ def train(config, workdir: str) -> dict:
 
     step_fn = train_step.make_train_step(graphdef, tx, config.loss, mesh, shardings,
                                          micro_batches=config.micro_batches, schedule=schedule)
-    evaluator = RetrievalEvaluator(config, graphdef)
+    evaluator = Evaluator(config, graphdef, mesh, batch_axes)
     pairs_per_step = config.data.image_batch_size + (config.data.text_batch_size if config.data.text_dir else 0)
     flops_per_step = flops.train_step_flops(
         config.model, config.data.image_batch_size,

@@ -10,7 +10,8 @@ sets what its stage needs. `validate(config)` runs before any compute and names 
     config.data         the grain pipeline (jclip_jax/data/pipeline.DataConfig fields)
     config.loss         losses.joint_loss's config (stage 1/2/3 or tasks, implementation, tile_size, ...)
     config.optim        optim.default_config(stage); its total_steps follows config.total_steps
-    config.evals        held-out sets: image_text_dir (image<->text), text_pairs_dir (text->text)
+    config.evals        held-out sets: image_text_dir (image<->text), text_pairs_dir (text->text), and
+                        tasks: {name: jclip-eval task spec} (jclip_jax/evals/train_eval.py)
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def base_config(model: ml_collections.ConfigDict, stage: int) -> ml_collections.
     c.evals.image_text_dir = ml_collections.FieldReference(None, field_type=str)
     c.evals.text_pairs_dir = ml_collections.FieldReference(None, field_type=str)
     c.evals.batch_size = 64
+    c.evals.tasks = ml_collections.ConfigDict()  # name -> dict(type=..., data=..., ...), as jclip-eval
     return c
 
 
@@ -117,6 +119,9 @@ def validate(config) -> None:
         raise ValueError(f"config.loss.matryoshka_dims {tuple(config.loss.matryoshka_dims)} and "
                          f"matryoshka_weights {tuple(config.loss.matryoshka_weights)} differ in length")
     optim.check_config(optim_for_run(config))
+    from jclip_jax.evals.train_eval import task_specs
+
+    task_specs(config)  # task types, keys and paths of config.evals.tasks
     for name in ("image_text_dir", "tokenizer_path"):
         if not config.data[name] and not config.data.synthetic_dir:
             raise ValueError(f"config.data.{name} is empty")

@@ -103,14 +103,25 @@ def test_save_load_round_trip_is_exact(saved, tmp_path):
         assert sd[k].dtype == sd2[k].dtype and sd[k].tobytes() == sd2[k].tobytes(), k
 
 
-def test_stale_rope_buffers_are_ignored(saved, tmp_path):
+def test_persistent_rope_buffers_are_ignored_wherever_they_appear_and_only_they(saved, tmp_path):
+    """Jina's EVA code saves rope.freqs_cos/_sin at the tower's top level and in every block's attention."""
     model, d = saved
     sd = load_file(d / "model.safetensors")
-    sd["vision_model.rope.freqs_cos"] = np.zeros((16, 16), np.float32)
-    sd["vision_model.rope.freqs_sin"] = np.zeros((16, 16), np.float32)
+    table = np.full((16, 16), 7.0, np.float32)  # garbage: must not reach the model
+    rope_keys = ["vision_model.rope.freqs_cos", "vision_model.rope.freqs_sin"]
+    rope_keys += [f"vision_model.blocks.{i}.attn.rope.freqs_{f}" for i in range(2) for f in ("cos", "sin")]
     (tmp_path / "config.json").write_text((d / "config.json").read_text())
-    save_file(sd, tmp_path / "model.safetensors")
-    JinaCLIP.from_pretrained(tmp_path)
+    save_file({**sd, **dict.fromkeys(rope_keys, table)}, tmp_path / "model.safetensors")
+    loaded = JinaCLIP.from_pretrained(tmp_path)
+    a, b = hf_layout.flax_params(model), hf_layout.flax_params(loaded)
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg="/".join(k))
+    # anything else under a rope module, or a freqs buffer of another name, is still an unexpected key
+    for other in ("vision_model.blocks.0.attn.rope.freqs", "vision_model.rope.freqs_cos_extra",
+                  "vision_model.blocks.1.attn.rope_scale", "vision_model.rope.inv_freq"):
+        save_file({**sd, other: table}, tmp_path / "model.safetensors")
+        with pytest.raises(ValueError, match="1 unexpected key"):
+            JinaCLIP.from_pretrained(tmp_path)
 
 
 def test_bad_checkpoints_name_the_offending_keys(saved, tmp_path):

@@ -16,6 +16,7 @@ from flax import nnx
 from jclip_jax import JinaCLIP, checkpoints, train, train_config
 from jclip_jax.convert import cli, hf_layout
 from jclip_jax.data import synthetic
+from jclip_jax.evals import cli as eval_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
@@ -104,8 +105,15 @@ def test_stage_chaining_and_export(tmp_path, synthetic_dir):
     demo.total_steps, demo.checkpoint_every, demo.log_every, demo.eval_every = 4, 4, 2, 0
     demo.data.image_batch_size = demo.data.text_batch_size = 16
     demo.optim.warmup_steps = 1
+    demo.evals.tasks.again = dict(type="image_text", data=os.path.join(synthetic_dir, "eval"))  # config.evals.tasks
     results = train.train(demo, str(tmp_path / "stage1"))
     assert 0.0 <= results["image_to_text_r1"] <= 1.0 and results["chance_r1"] == pytest.approx(1 / 64)
+    assert results["again/text_to_image_r1"] == results["text_to_image_r1"]
+    # jclip-eval on the workdir reproduces the trainer's final retrieval numbers
+    report = eval_cli.run(["--checkpoint", str(tmp_path / "stage1"), "--task", "image_text", "--no-progress",
+                           "--data", os.path.join(synthetic_dir, "eval")])["results"]["full"]
+    for k in ("image_to_text_r1", "text_to_image_r1", "image_to_text_r10", "text_to_image_r10"):
+        assert report[k] == results[k], k
 
     stage2 = demo.copy_and_resolve_references()
     stage2.loss.stage = 2

@@ -7,13 +7,21 @@ leading 'layers' axis. Everything here is numpy (or jax.numpy under eval_shape);
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-# Keys a loader ignores: stale non-persistent RoPE buffers of EVA-CLIP checkpoints (spec §3, [U]).
-IGNORED_KEY_PREFIXES = ("vision_model.rope.",)
+# Keys a loader ignores, and only these: the RoPE tables (`rope.freqs_cos` / `rope.freqs_sin`) that Jina's EVA
+# code saves as persistent buffers, at the tower's top level and in every block (`blocks.{i}.attn.rope.`).
+# They are functions of the config, which we recompute (models/eva02.rope_tables).
+IGNORED_KEY_PATTERN = re.compile(r"^(?:.+\.)?rope\.freqs_(?:cos|sin)$")
+
+
+def is_ignored_key(key: str) -> bool:
+    return IGNORED_KEY_PATTERN.match(key) is not None
+
 
 Array = np.ndarray
 
@@ -157,7 +165,7 @@ def check_keys(cfg, state_dict: dict[str, Array], flax_shapes: dict[tuple[str, .
                 expected[e.torch_key.format(i=i)] = probe.shape
         else:
             expected[e.torch_key] = e.to_torch(np.empty(shape, np.float32)).shape
-    given = {k for k in state_dict if not k.startswith(IGNORED_KEY_PREFIXES)}
+    given = {k for k in state_dict if not is_ignored_key(k)}
     missing = sorted(set(expected) - given)
     unexpected = [] if ignore_unexpected else sorted(given - set(expected))
     misshaped = [f"{k}: expected {list(expected[k])}, got {list(np.shape(state_dict[k]))}"
