@@ -99,7 +99,7 @@ class ImageTextTransform(grain.transforms.RandomMap):
     def image(self, data: bytes, rng: np.random.Generator | None) -> np.ndarray:
         """Encoded image -> uint8 (S, S, 3) crop."""
         with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB")
+            img = preprocess.to_rgb(img)
         if self.random_crop:
             img = preprocess.random_resized_crop(img, self.image_size, rng, self.crop_scale, self.crop_ratio)
         else:
