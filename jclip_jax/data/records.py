@@ -224,18 +224,20 @@ class RecordWriter:
 
 
 def read_manifest(directory: str | os.PathLike, kind: str | None = None) -> dict:
-    """Loads DIR/manifest.json, checking format, version and (optionally) kind; paths become absolute."""
-    path = os.path.join(os.fspath(directory), MANIFEST)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path!r} not found: prepare the data with `jclip-prepare` first")
-    with open(path) as f:
-        manifest = json.load(f)
+    """Loads DIR/manifest.json (local or gs://), checking format, version and (optionally) kind; paths become
+    absolute."""
+    from etils import epath
+
+    path = epath.Path(directory) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{os.fspath(path)!r} not found: prepare the data with `jclip-prepare` first")
+    manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path!r}: format {manifest.get('format')!r} is not {FORMAT_NAME!r}")
+        raise ValueError(f"{os.fspath(path)!r}: format {manifest.get('format')!r} is not {FORMAT_NAME!r}")
     if manifest.get("version", 0) > VERSION:
-        raise ValueError(f"{path!r}: version {manifest['version']} is newer than this code's {VERSION}")
+        raise ValueError(f"{os.fspath(path)!r}: version {manifest['version']} is newer than this code's {VERSION}")
     if kind is not None and manifest.get("kind") != kind:
-        raise ValueError(f"{path!r} holds {manifest.get('kind')!r} records, expected {kind!r}")
+        raise ValueError(f"{os.fspath(path)!r} holds {manifest.get('kind')!r} records, expected {kind!r}")
     for entry in manifest["datasets"].values():
         entry["paths"] = [os.path.join(os.fspath(directory), f) for f in entry["files"]]
     return manifest
