@@ -93,6 +93,10 @@ def test_rerun_redoes_partial_units_and_skips_verified_ones(tmp_path, capsys):
     assert run_cli(webdataset(inputs, out), capsys) == {"written": 12, "skipped": {}}
     assert as_set(out) == expected
     assert shard2.stat().st_mtime_ns == mtime
+    # a finished directory whose shard went bad: the rerun drops the manifest before redoing the unit
+    shard2.write_bytes(b"")
+    assert run_cli(webdataset(inputs, out), capsys) == {"written": 12, "skipped": {}}
+    assert as_set(out) == expected
 
 
 def test_killed_prepare_then_rerun_gives_the_same_records(tmp_path, capsys):

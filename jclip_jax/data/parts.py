@@ -268,10 +268,12 @@ def _run(output, kind, spec, units, records_per_shard, workers, num_shards, shar
             if verify(output, marker):
                 done[u] = marker
                 continue
-        # partial (or written twice): drop its markers first, so it stops counting as done, then its shards
+        todo.append(u)
+    if todo:  # an old manifest would name files about to be redone
+        _path(output, records.MANIFEST).unlink(missing_ok=True)
+    for u in todo:  # partial (or written twice): markers first, so it stops counting as done, then its shards
         for p in markers.get(u, []) + unit_files.get(u, []):
             p.unlink(missing_ok=True)
-        todo.append(u)
     tasks = [(job, u, units[u]) for u in todo]
     bar = tqdm(total=len(todo), desc=f"{kind} -> {output}", unit=" units", file=sys.stderr)
     if workers == 1 or len(tasks) <= 1:
