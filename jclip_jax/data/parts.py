@@ -20,6 +20,7 @@ finalize refuses.
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing
 import os
 import re
@@ -85,8 +86,6 @@ def make_plan(kind: str, spec: sources.SourceSpec, units: Sequence, records_per_
 def open_output(output: str, plan: dict) -> bool:
     """Creates OUT with its plan, or checks that OUT holds a preparation of the same plan (a resume or
     another shard). Returns True if this call created OUT."""
-    import json
-
     plan_path = _path(output, STATE_DIR, "plan.json")
     if plan_path.exists():
         existing = json.loads(plan_path.read_text())
@@ -105,8 +104,6 @@ def open_output(output: str, plan: dict) -> bool:
 
 
 def read_plan(output: str) -> dict:
-    import json
-
     plan_path = _path(output, STATE_DIR, "plan.json")
     if not plan_path.exists():
         raise PrepareError(f"{output!r} has no {STATE_DIR}/plan.json: it was not written by a (sharded) "
@@ -130,8 +127,6 @@ def _markers(output: str) -> dict[int, list[epath.Path]]:
 
 
 def _load_marker(path: epath.Path) -> dict:
-    import json
-
     return json.loads(path.read_text())
 
 
