@@ -5,7 +5,7 @@ Work per record: read it from the tar, decode the caption and its JSON, check-de
 msgpack-encode, write to ArrayRecord; per tar (one unit), write and fsync-free rename its marker. Worker
 start-up is included (it is part of a real run); use enough tars that it is small.
 
-    python bench/prepare.py --tars 16 --per-tar 250 --json
+    python bench/prepare.py --tars 32 --per-tar 250 --json
     # last line: {"records_per_s_1": ..., "records_per_s_2": ..., "ratio": ..., "loadavg_before": [...]}
 
 The machine's 1-minute load average before each run is printed: the ratio only means something when the
@@ -63,7 +63,7 @@ def time_prepare(inputs: str, output: str, workers: int) -> tuple[float, int]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tars", type=int, default=16)
+    parser.add_argument("--tars", type=int, default=32)
     parser.add_argument("--per-tar", type=int, default=250)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=1, help="best of this many runs per worker count")
