@@ -17,6 +17,17 @@ CLIP_MEAN = np.asarray((0.48145466, 0.4578275, 0.40821073), np.float32)
 CLIP_STD = np.asarray((0.26862954, 0.26130258, 0.27577711), np.float32)
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image -> RGB, for training data (jclip-prepare, the grain pipeline; the model-card API keeps
+    Jina's order in eval_transform instead). 16-bit greyscale (PNG/TIFF modes I;16*, I) is scaled to 8 bits first
+    (v / 257, the inverse of 8 -> 16 bit expansion): PIL's convert("RGB") clips it, turning most of the
+    image white. (PIL already reduces 16-bit RGB PNGs to 8 bits when it opens them.)"""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        pixels = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
+        image = Image.fromarray(np.rint(pixels / 257).astype(np.uint8), "L")
+    return image.convert("RGB")  # a loaded copy even when already RGB: callers close the file after
+
+
 def load_image(image: Image.Image | str | os.PathLike) -> Image.Image:
     """Open a path (or pass a PIL image through) in the image's own mode; names the file on failure."""
     if isinstance(image, Image.Image):

@@ -90,7 +90,8 @@ def check_paths_exist(config) -> None:
     named = {"data.image_text_dir": config.data.image_text_dir, "data.text_dir": config.data.text_dir,
              "data.tokenizer_path": config.data.tokenizer_path, "init.checkpoint": config.init.checkpoint,
              "init.eva02": config.init.eva02, "init.jina_bert": config.init.jina_bert,
-             "evals.image_text_dir": config.evals.image_text_dir, "evals.text_pairs_dir": config.evals.text_pairs_dir}
+             "evals.image_text_dir": config.evals.image_text_dir, "evals.text_pairs_dir": config.evals.text_pairs_dir,
+             **{f"data.image_text[{i}]": d for i, (d, _) in enumerate(config.data.get("image_text", ()))}}
     missing = [f"config.{k}={v!r}" for k, v in named.items()
                if v and "://" not in v and not v.startswith("tfds:") and not os.path.exists(v)]
     if missing:
@@ -174,7 +175,8 @@ def train(config, workdir: str) -> dict:
 
     mesh = sharding.make_mesh(config.mesh)
     batch_axes = sharding.batch_axes(mesh)
-    data_iterator = pipeline.train_iterator(train_config.data_config(config))
+    data_config = train_config.data_config(config)
+    data_iterator = pipeline.train_iterator(data_config)
 
     run_optim = train_config.optim_for_run(config)
     tx, schedule = optim.make_optimizer(run_optim), optim.learning_rate_schedule(run_optim)
@@ -206,6 +208,7 @@ def train(config, workdir: str) -> dict:
     peak, peak_source = flops.peak_flops_per_device(config.peak_flops_per_device)
     writer = MetricsWriter(workdir, config.total_steps, start, flops_per_step, pairs_per_step,
                            peak * jax.device_count(), peak_source)
+    writer.mixture_names = pipeline.image_text_source_names(data_config)
     preemption = Preemption()
     base_rng = jax.random.key(config.seed)
 
@@ -213,6 +216,7 @@ def train(config, workdir: str) -> dict:
     while step < config.total_steps:
         local = next(data_iterator)
         writer.count_skipped(int(local["image_text"]["decode_failures"]))
+        writer.count_mixture(local["image_text"].get("source_counts"))
         batch = pipeline.make_global_batch(step_batch(local, tasks), mesh, batch_axes)
         state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
         step += 1
@@ -228,7 +232,7 @@ def train(config, workdir: str) -> dict:
             sys.exit(0)
 
     results = evaluator(state["params"])
-    results.update(step=step, skipped_records=writer.skipped, **writer.throughput())
+    results.update(step=step, skipped_records=writer.skipped, **writer.throughput(), **writer.mixture())
     writer.eval(step, results, final=True)
     if jax.process_index() == 0:
         from etils import epath

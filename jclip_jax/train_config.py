@@ -45,6 +45,7 @@ def base_config(model: ml_collections.ConfigDict, stage: int) -> ml_collections.
 
     c.data = ml_collections.ConfigDict()
     c.data.image_text_dir = ""
+    c.data.image_text = ()  # ((dir, weight), ...): a per-example weighted mixture instead of image_text_dir
     c.data.text_dir = ml_collections.FieldReference(None, field_type=str)
     c.data.tokenizer_path = ""
     c.data.image_batch_size = 32_768
@@ -89,7 +90,8 @@ def data_config(config) -> DataConfig:
         text_max_length=d.text_max_length, crop_scale=tuple(d.crop_scale), random_crop=d.random_crop,
         text_weights=dict(d.text_weights) if d.text_weights else None, seed=d.seed,
         worker_count=d.worker_count, text_worker_count=d.text_worker_count, read_threads=d.read_threads,
-        tfds_data_dir=d.tfds_data_dir)
+        tfds_data_dir=d.tfds_data_dir,
+        image_text_mixture=tuple((str(dir_), float(w)) for dir_, w in d.get("image_text", ())))
 
 
 def validate(config) -> None:
@@ -122,8 +124,13 @@ def validate(config) -> None:
     from jclip_jax.evals.train_eval import task_specs
 
     task_specs(config)  # task types, keys and paths of config.evals.tasks
+    mixture = tuple(config.data.get("image_text", ()))
+    for entry in mixture:
+        if not (isinstance(entry, tuple | list) and len(entry) == 2 and isinstance(entry[0], str)
+                and isinstance(entry[1], int | float) and entry[1] > 0):
+            raise ValueError(f"config.data.image_text entry {entry!r} must be a (directory, weight > 0) pair")
     for name in ("image_text_dir", "tokenizer_path"):
-        if not config.data[name] and not config.data.synthetic_dir:
+        if not config.data[name] and not config.data.synthetic_dir and not (name == "image_text_dir" and mixture):
             raise ValueError(f"config.data.{name} is empty")
 
 

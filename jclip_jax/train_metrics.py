@@ -1,7 +1,8 @@
 """Training metrics: a tqdm progress line and TensorBoard event files (tensorboardX, no TensorFlow).
 
 Every `log_every` steps: per-task losses, temperature (tau = 1 / exp(logit_scale)), learning rate, grad
-norm, pairs/s, model FLOP/s and MFU (analytic FLOPs, jclip_jax/flops.py), and the records skipped so far.
+norm, pairs/s, model FLOP/s and MFU (analytic FLOPs, jclip_jax/flops.py), the records skipped so far, and
+for an image-text mixture the realised share of each source so far (`mixture/<name>`, this process's).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ class MetricsWriter:
         self.flops_per_step, self.pairs_per_step, self.peak_flops = flops_per_step, pairs_per_step, peak_flops
         self.peak_source = peak_source
         self.skipped = 0
+        self.mixture_names: list[str] = []
+        self._mixture_counts = None
         self._window_start, self._window_steps = time.perf_counter(), 0
         self._first_logged = False
         self._total_time, self._total_steps = 0.0, 0
@@ -40,6 +43,20 @@ class MetricsWriter:
 
     def count_skipped(self, n: int) -> None:
         self.skipped += n
+
+    def count_mixture(self, counts) -> None:
+        """Adds a batch's `source_counts` (None: not a mixture)."""
+        if counts is not None:
+            counts = np.asarray(counts, np.int64)
+            self._mixture_counts = counts if self._mixture_counts is None else self._mixture_counts + counts
+
+    def mixture(self) -> dict[str, float]:
+        """{"mixture/<source>": share of the image-text examples so far}; {} without a mixture."""
+        if self._mixture_counts is None or not self._mixture_counts.sum():
+            return {}
+        shares = self._mixture_counts / self._mixture_counts.sum()
+        names = self.mixture_names or [str(i) for i in range(len(shares))]
+        return {f"mixture/{n}": float(v) for n, v in zip(names, shares, strict=True)}
 
     def step(self, step: int, metrics, log: bool) -> None:
         self._window_steps += 1
@@ -60,6 +77,7 @@ class MetricsWriter:
         values["mfu"] = values["model_flops_per_s"] / self.peak_flops
         values["skipped_records"] = self.skipped
         values["step_seconds"] = seconds
+        values.update(self.mixture())
         self.bar.set_postfix({k: f"{values[k]:.3g}" for k in ("loss", "temperature", "pairs_per_s", "mfu")})
         self.bar.write(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())))
         self._write(step, values)

@@ -154,9 +154,18 @@ def test_cli_errors_name_the_problem(tmp_path):
         prepare.main(["text-pairs", "--input", str(tmp_path / "nothing*.jsonl"),
                       "--output", str(tmp_path / "o")])
     (tmp_path / "a.jsonl").write_text('{"query": "q", "positive": "p"}\n')
+    assert not (tmp_path / "o").exists()
     prepare.main(["text-pairs", "--input", str(tmp_path / "a.jsonl"), "--output", str(tmp_path / "o2")])
+    # the same command again is a resume of a finished run: nothing to do, the same dataset
+    prepare.main(["text-pairs", "--input", str(tmp_path / "a.jsonl"), "--output", str(tmp_path / "o2")])
+    assert [r["query"] for r in read_all(tmp_path / "o2", "text_pair")["default"]] == ["q"]
+    (tmp_path / "b.jsonl").write_text('{"query": "q2", "positive": "p2"}\n')
+    with pytest.raises(SystemExit, match="holds a preparation of other inputs or options .differing: units"):
+        prepare.main(["text-pairs", "--input", str(tmp_path / "b.jsonl"), "--output", str(tmp_path / "o2")])
+    synthetic.write_synthetic(tmp_path / "synth", num_train=2, num_eval=2, num_text_pairs=2, num_triplets=1)
     with pytest.raises(SystemExit, match="already holds a prepared dataset"):
-        prepare.main(["text-pairs", "--input", str(tmp_path / "a.jsonl"), "--output", str(tmp_path / "o2")])
+        prepare.main(["text-pairs", "--input", str(tmp_path / "a.jsonl"), "--output",
+                      str(tmp_path / "synth" / "text_pairs")])
 
 
 def test_record_schema_rejects_bad_records():

@@ -13,6 +13,7 @@ Local batch contents (B_img, B_txt = global batch sizes / process count; L = max
     image_text: image float32 (B_img, S, S, 3), CLIP-normalised, NHWC
                 text int32 (B_img, L_img), right-padded with the tokenizer's pad id
                 decode_failures int32 () records dropped while filling this batch (undecodable image)
+                source_counts int32 (n,) examples from each source of a mixture (image_text_mixture only)
     text (pairs):    query int32 (B_txt, L_txt), positive int32 (B_txt, L_txt), dataset int32 ()
     text (triplets): as pairs + negatives int32 (B_txt, 7, L_txt)
 `dataset` indexes `text_dataset_names(config)`; all processes draw the same dataset at a given step.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -58,6 +60,8 @@ class DataConfig:
     worker_buffer_size: int = 2            # batches each worker keeps ready
     read_threads: int = 4                  # threads per worker (PIL releases the GIL while decoding)
     tfds_data_dir: str | None = None
+    # ((prepared image_text dir, weight), ...): a per-example weighted mixture, replacing image_text_dir
+    image_text_mixture: tuple[tuple[str, float], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +103,7 @@ class ImageTextTransform(grain.transforms.RandomMap):
     def image(self, data: bytes, rng: np.random.Generator | None) -> np.ndarray:
         """Encoded image -> uint8 (S, S, 3) crop."""
         with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB")
+            img = preprocess.to_rgb(img)
         if self.random_crop:
             img = preprocess.random_resized_crop(img, self.image_size, rng, self.crop_scale, self.crop_ratio)
         else:
@@ -107,9 +111,10 @@ class ImageTextTransform(grain.transforms.RandomMap):
             img = preprocess.center_crop(img, self.image_size)
         return np.asarray(img, dtype=np.uint8)
 
-    def random_map(self, data: bytes, rng: np.random.Generator):
+    def random_map(self, data: bytes | tuple[int, bytes], rng: np.random.Generator):
         if self._tokenizer is None:
             self._tokenizer = TextTokenizer(self.tokenizer_path)
+        source, data = data if isinstance(data, tuple) else (None, data)  # (source index, record) in a mixture
         try:
             record = records.decode(data)
             pixels = self.image(record["image"], rng)
@@ -118,7 +123,10 @@ class ImageTextTransform(grain.transforms.RandomMap):
         captions = record["captions"]
         caption = captions[int(rng.integers(len(captions)))] if self.random_crop else captions[0]
         ids = self._tokenizer([caption], self.max_length, buckets=None)[0]
-        return {"image": pixels, "text": ids}
+        out = {"image": pixels, "text": ids}
+        if source is not None:
+            out["source"] = source
+        return out
 
 
 class _BatchDroppingFailures(grain.IterDataset):
@@ -129,9 +137,10 @@ class _BatchDroppingFailures(grain.IterDataset):
     nothing between batches, so its checkpoint state is its parent's.
     """
 
-    def __init__(self, parent: grain.IterDataset, batch_size: int, drop_remainder: bool = True):
+    def __init__(self, parent: grain.IterDataset, batch_size: int, drop_remainder: bool = True,
+                 num_sources: int = 0):
         super().__init__(parent)
-        self.batch_size, self.drop_remainder = batch_size, drop_remainder
+        self.batch_size, self.drop_remainder, self.num_sources = batch_size, drop_remainder, num_sources
         self.shared_memory = False
 
     def enable_shared_memory_output(self) -> None:
@@ -141,14 +150,15 @@ class _BatchDroppingFailures(grain.IterDataset):
 
     def __iter__(self):
         return _BatchDroppingFailuresIterator(self._parent.__iter__(), self.batch_size, self.drop_remainder,
-                                              self.shared_memory)
+                                              self.shared_memory, self.num_sources)
 
 
 class _BatchDroppingFailuresIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, batch_size: int, drop_remainder: bool,
-                 shared_memory: bool):
+                 shared_memory: bool, num_sources: int = 0):
         super().__init__(parent)
         self.batch_size, self.drop_remainder, self.shared_memory = batch_size, drop_remainder, shared_memory
+        self.num_sources = num_sources
 
     def __next__(self) -> dict:
         items, failures = [], 0
@@ -172,6 +182,9 @@ class _BatchDroppingFailuresIterator(grain.DatasetIterator):
             preprocess.normalize_into(item["image"], image[i])
         batch = {"image": image, "text": np.stack([item["text"] for item in items]),
                  "decode_failures": np.int32(failures)}
+        if self.num_sources:
+            sources = [item["source"] for item in items]
+            batch["source_counts"] = np.bincount(sources, minlength=self.num_sources).astype(np.int32)
         return batch
 
     def get_state(self):
@@ -199,20 +212,95 @@ def _process_slice(ds: grain.MapDataset, share: tuple[int, int], what: str) -> g
     return ds[index::count]
 
 
+class StratifiedSelectionMap(grain.transforms.DatasetSelectionMap):
+    """Example k -> (source d, k's rank among the examples from d): a per-example weighted mixture.
+
+    Each block of `block` consecutive examples holds every source's quota (weight * block, rounded by
+    largest remainder) in a random order seeded by (seed, block number). So any index maps in O(1), with
+    no replay of earlier draws (resume at step 60,000 of a 32k batch is instant and exact), and the
+    realised mixture is within one example per block of the weights.
+    """
+
+    def __init__(self, weights: Sequence[float], seed: int, block: int = 65_536):
+        weights = np.asarray(weights, np.float64)
+        if weights.ndim != 1 or len(weights) == 0 or (weights <= 0).any():
+            raise ValueError(f"mixture weights must be positive, got {weights.tolist()}")
+        exact = weights / weights.sum() * block
+        quotas = np.floor(exact).astype(np.int64)
+        quotas[np.argsort(quotas - exact)[: block - quotas.sum()]] += 1  # largest remainders first
+        if (quotas == 0).any():
+            raise ValueError(f"mixture weights {weights.tolist()}: a source below 1/{block} of the mixture")
+        self.quotas, self.seed, self.block = quotas, seed, block
+        self._layout = np.repeat(np.arange(len(quotas)), quotas)
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def _permuted(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, rank within the block) of each position of block b."""
+        if b not in self._cache:
+            order = np.random.default_rng([self.seed, b]).permutation(self._layout)
+            ranks = np.empty(self.block, np.int64)
+            for d in range(len(self.quotas)):
+                where = np.flatnonzero(order == d)
+                ranks[where] = np.arange(len(where))
+            if len(self._cache) >= 4:  # a few blocks: the read threads straddle a boundary at most
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[b] = (order, ranks)
+        return self._cache[b]
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        b, r = divmod(index, self.block)
+        order, ranks = self._permuted(b)
+        d = int(order[r])
+        return d, int(b * self.quotas[d] + ranks[r])
+
+
+class _Tagged(grain.transforms.Map):
+    """record -> (source index, record), so the batch can count the realised mixture."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def map(self, data: bytes) -> tuple[int, bytes]:
+        return self.index, data
+
+
+def image_text_source_names(config: DataConfig) -> list[str]:
+    """Names of the mixture's sources, in the order of `source_counts` (their directories' base names)."""
+    dirs = [d for d, _ in config.image_text_mixture]
+    names = [os.path.basename(os.path.normpath(d)) or d for d in dirs]
+    return names if len(set(names)) == len(names) else dirs
+
+
 def image_text_dataset(config: DataConfig, share: tuple[int, int] | None = None,
                        repeat: bool = True) -> grain.IterDataset:
-    """This process's image-text batches (see the module docstring), from `config.image_text_dir`."""
+    """This process's image-text batches (see the module docstring), from `config.image_text_dir` or the
+    weighted `config.image_text_mixture`."""
     share = share or process_share()
     batch_size = _local(config.image_batch_size, share[1], "image_batch_size")
-    ds = grain.MapDataset.source(_image_text_source(config.image_text_dir, config.tfds_data_dir))
-    ds = _process_slice(ds, share, config.image_text_dir).seed(config.seed)
-    if repeat:
-        ds = ds.shuffle().repeat()  # shuffle before repeat: a new order every epoch
+    if config.image_text_mixture:
+        if not repeat:
+            raise ValueError("image_text_mixture is for training (repeat=True) only")
+        per_source = []
+        for i, (location, _) in enumerate(config.image_text_mixture):
+            ds = grain.MapDataset.source(_image_text_source(location, config.tfds_data_dir))
+            ds = _process_slice(ds, share, location).seed(config.seed + 104_729 * (i + 1))
+            per_source.append(ds.shuffle().repeat().map(_Tagged(i)))
+        selection = StratifiedSelectionMap([w for _, w in config.image_text_mixture], config.seed)
+        ds = grain.MapDataset.select_from_datasets(per_source, selection).seed(config.seed)
+    else:
+        ds = grain.MapDataset.source(_image_text_source(config.image_text_dir, config.tfds_data_dir))
+        ds = _process_slice(ds, share, config.image_text_dir).seed(config.seed)
+        if repeat:
+            ds = ds.shuffle().repeat()  # shuffle before repeat: a new order every epoch
     ds = ds.random_map(ImageTextTransform(config.tokenizer_path, config.image_max_length, config.image_size,
                                           config.random_crop, config.crop_scale, config.crop_ratio))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                               prefetch_buffer_size=2 * batch_size))
-    return _BatchDroppingFailures(ds, batch_size, drop_remainder=repeat)
+    return _BatchDroppingFailures(ds, batch_size, drop_remainder=repeat,
+                                  num_sources=len(config.image_text_mixture))
 
 
 # ------------------------------------------------------------------------------------------------- text

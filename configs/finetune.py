@@ -1,0 +1,59 @@
+"""Fine-tune a jina-clip model on your own image-caption pairs.
+
+    jclip-prepare image-text --format folder --input captions.csv --image-root images/ --output data/mine
+    jclip-train --config configs/finetune.py:jina-clip-v1/ --workdir workdirs/mine \
+        --config.data.image_text_dir=data/mine
+    jclip-convert to-torch --checkpoint workdirs/mine --output jina-clip-v1-mine/
+
+The config argument is where to start: a jina-clip HF directory (config.json + model.safetensors +
+tokenizer.json) or a jclip-train workdir. config.model and the tokenizer follow it, so nothing has to be
+kept in sync by hand. The loss is the image<->text InfoNCE alone (no text pairs needed).
+
+Fine-tuning controls (jclip_jax/optim.py), e.g.
+    --config.optim.frozen='("^vision_model/",)'                    LiT: train the text tower only
+    --config.optim.lr_mults='(("^vision_model/", 0.1),)'            a tenth of the lr for the image tower
+    --config.optim.layer_decay.vision=0.75                          EVA-CLIP layer-wise lr decay
+"""
+
+import os
+
+from jclip_jax.train_config import base_config
+
+
+def model_and_tokenizer(source: str):
+    """(model config, tokenizer path or "") of a jina-clip HF directory or a jclip-train workdir."""
+    if os.path.exists(os.path.join(source, "config.json")):
+        from jclip_jax.convert import hf_layout
+
+        tokenizer = next((os.path.join(source, n) for n in hf_layout.TOKENIZER_FILES
+                          if os.path.exists(os.path.join(source, n))), "")
+        return hf_layout.read_config(source), tokenizer
+    from jclip_jax import checkpoints
+
+    saved = checkpoints.restore_config(source)  # FileNotFoundError naming the path if it is neither
+    return saved.model, saved.data.get("tokenizer_path", "")
+
+
+def get_config(arg=None):
+    if not arg:
+        raise ValueError("configs/finetune.py needs the model to start from: "
+                         "--config configs/finetune.py:PATH (a jina-clip directory or a jclip-train workdir)")
+    model, tokenizer = model_and_tokenizer(arg)
+    c = base_config(model, stage=1)
+    c.init.checkpoint = arg
+    c.data.tokenizer_path = tokenizer
+    c.data.image_text_dir = ""  # your jclip-prepare output
+    c.data.text_dir = None
+    c.loss.tasks = ("image_text",)
+    c.total_steps = 1_000
+    c.data.image_batch_size = 256
+    c.data.image_max_length = 77
+    c.optim.peak_lr = 1e-5  # fine-tuning: well below stage 1's 1e-4
+    c.optim.warmup_steps = 100
+    c.optim.weight_decay = 0.1
+    c.log_every = 20
+    c.eval_every = 0  # set with config.evals.image_text_dir (a held-out prepared directory)
+    c.checkpoint_every = 200
+    c.evals.image_text_dir = None
+    c.evals.text_pairs_dir = None
+    return c
