@@ -50,11 +50,12 @@ TASK_KEYS = {
 # ----------------------------------------------------------------------------------------- state
 
 
-def create_train_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh,
-                       rules=sharding.DEFAULT_RULES):
-    """Build params and optimizer state directly in their shardings (nothing is materialised replicated).
+def abstract_train_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh,
+                         rules=sharding.DEFAULT_RULES):
+    """The train state's shapes and shardings, without running anything (also for compile-only devices).
 
-    Returns (graphdef, state, state_shardings); shardings come from the params' logical axis names.
+    Returns (graphdef, init, abstract_state, state_shardings): `init()` builds the state; the abstract
+    state's leaves are ShapeDtypeStructs carrying their NamedShardings.
     """
     abstract_model = nnx.eval_shape(make_model)
     graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
@@ -65,7 +66,19 @@ def create_train_state(make_model: Callable[[], nnx.Module], tx: optax.GradientT
         params = nnx.state(make_model(), nnx.Param)
         return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-    shardings = sharding.state_shardings(jax.eval_shape(init), mesh, rules)
+    shapes = jax.eval_shape(init)
+    shardings = sharding.state_shardings(shapes, mesh, rules)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+    return graphdef, init, abstract, shardings
+
+
+def create_train_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh,
+                       rules=sharding.DEFAULT_RULES):
+    """Build params and optimizer state directly in their shardings (nothing is materialised replicated).
+
+    Returns (graphdef, state, state_shardings); shardings come from the params' logical axis names.
+    """
+    graphdef, init, _, shardings = abstract_train_state(make_model, tx, mesh, rules)
     state = jax.jit(init, out_shardings=shardings)()
     return graphdef, state, shardings
 
