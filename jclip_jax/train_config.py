@@ -64,6 +64,7 @@ def base_config(model: ml_collections.ConfigDict, stage: int) -> ml_collections.
     c.loss.stage = stage
     c.loss.implementation = "plain"  # or "tiled" when even the local logits rows are too big
     c.loss.tile_size = ml_collections.FieldReference(None, field_type=int)
+    c.loss.precision = losses.DEFAULT_PRECISION  # logits matmuls: 'highest' (fp32), 'high' or 'default'
     c.loss.text_temperature = losses.TEXT_PAIR_TEMPERATURE
     c.loss.matryoshka_dims = ()
     c.loss.matryoshka_weights = ()
