@@ -30,9 +30,11 @@ setup(
         # (an unpinned torch pulls a CUDA build).
         "torch": ["torch", "timm", "open_clip_torch"],
         "tfds": ["tensorflow-datasets", "importlib_resources"],
+        # libtpu: what TPU hosts install, and what jclip-compile needs to compile for a TPU topology on any host.
+        "tpu": ["jax[tpu]"],
         "test": [
             "pytest", "pytest-xdist", "ruff", "torch", "timm", "open_clip_torch",
-            "tensorflow-datasets", "importlib_resources",
+            "tensorflow-datasets", "importlib_resources", "jax[tpu]",  # jax[tpu]: tests/test_compile.py
         ],
     },
     entry_points={
@@ -40,6 +42,7 @@ setup(
             "jclip-convert=jclip_jax.convert.cli:main",
             "jclip-prepare=jclip_jax.data.prepare:main",
             "jclip-train=jclip_jax.train:run",
+            "jclip-compile=jclip_jax.compile.cli:run",
         ],
     },
 )

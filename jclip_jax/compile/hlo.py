@@ -47,6 +47,7 @@ class Instruction:
     opcode: str
     operands: list[str]
     attrs: str
+    root: bool = False
 
     @property
     def arrays(self) -> list[tuple[str, tuple[int, ...]]]:
@@ -117,7 +118,7 @@ def _parse_instruction(line: str) -> Instruction | None:
     close = _balanced(rest, op.end() - 1)
     operands = [piece.split()[-1].lstrip("%") for piece in _split_top_level(rest[op.end():close - 1])
                 if piece.strip()]
-    return Instruction(name, shape, op.group(1), operands, rest[close:])
+    return Instruction(name, shape, op.group(1), operands, rest[close:], root=bool(m.group(1)))
 
 
 def parse(text: str) -> tuple[dict[str, list[Instruction]], str]:
@@ -148,19 +149,21 @@ def _callees(instr: Instruction) -> list[tuple[str, str]]:
     return out
 
 
-def trip_count(while_instr: Instruction, caller: list[Instruction], condition: list[Instruction]) -> int | None:
+def trip_count(while_instr: Instruction, caller: list[Instruction], condition: list[Instruction],
+               body: list[Instruction] = ()) -> int | None:
     """The while loop's trip count: XLA's annotation, else `counter < N` (or <=, >, >=) in the condition
-    with the counter's initial value from the init tuple (constant, else 0) and step 1."""
+    with the counter's initial value from the init tuple (a constant, possibly copied; else 0) and its
+    step from the body (`counter + constant`; else 1)."""
     m = _TRIP.search(while_instr.attrs)
     if m:
         return int(m.group(1))
     by_name = {i.name: i for i in condition}
-    root = next((i for i in reversed(condition) if i.opcode == "compare"), None)
-    if root is None or len(root.operands) != 2:
+    root = _through_copies(next((i for i in condition if i.root), None), by_name)
+    if root is None or root.opcode != "compare" or len(root.operands) != 2:
         return None
     direction = re.search(r"direction=(\w+)", root.attrs)
     a, b = (by_name.get(n) for n in root.operands)
-    consts = {n: _literal(by_name.get(n)) for n in root.operands}
+    consts = {n: _literal(_through_copies(by_name.get(n), by_name)) for n in root.operands}
     if consts[root.operands[1]] is not None and a is not None and a.opcode == "get-tuple-element":
         counter, bound, op = a, consts[root.operands[1]], direction.group(1) if direction else "LT"
     elif consts[root.operands[0]] is not None and b is not None and b.opcode == "get-tuple-element":
@@ -173,13 +176,33 @@ def trip_count(while_instr: Instruction, caller: list[Instruction], condition: l
     caller_by_name = {i.name: i for i in caller}
     init = caller_by_name.get(while_instr.operands[0]) if while_instr.operands else None
     if init is not None and init.opcode == "tuple" and index < len(init.operands):
-        value = _literal(caller_by_name.get(init.operands[index]))
+        value = _literal(_through_copies(caller_by_name.get(init.operands[index]), caller_by_name))
         start = value if value is not None else 0
-    if op == "LT":
-        return max(bound - start, 0)
+    step = _counter_step(body, index) or 1
     if op == "LE":
-        return max(bound - start + 1, 0)
-    return None
+        bound += 1
+    elif op != "LT":
+        return None
+    return max(-(-(bound - start) // step), 0)
+
+
+def _through_copies(instr: Instruction | None, by_name: dict) -> Instruction | None:
+    while instr is not None and instr.opcode in ("copy", "bitcast", "convert") and instr.operands:
+        instr = by_name.get(instr.operands[0])
+    return instr
+
+
+def _counter_step(body: list[Instruction], index: int) -> int | None:
+    """The constant c of `counter + c` that the loop body's root tuple puts at `index`, if that is its form."""
+    by_name = {i.name: i for i in body}
+    root = next((i for i in body if i.root), None)
+    if root is None or root.opcode != "tuple" or index >= len(root.operands):
+        return None
+    update = by_name.get(root.operands[index])
+    if update is None or update.opcode != "add":
+        return None
+    values = [_literal(_through_copies(by_name.get(o), by_name)) for o in update.operands]
+    return next((v for v in values if v is not None and v > 0), None)
 
 
 def _literal(instr: Instruction | None) -> int | None:
@@ -202,7 +225,7 @@ def multipliers(computations: dict[str, list[Instruction]], entry: str):
             if instr.opcode == "while":
                 cond = dict(callees).get("condition")
                 body = dict(callees).get("body")
-                n = trip_count(instr, instrs, computations.get(cond, []))
+                n = trip_count(instr, instrs, computations.get(cond, []), computations.get(body, []))
                 if n is None:
                     unknown.append(instr.name)
                 loops.append((instr.name, n))

@@ -78,6 +78,8 @@ def compile_train_step(config, devices, num_slices: int = 1, *, compile: bool = 
     tx, schedule = optim.make_optimizer(run_optim), optim.learning_rate_schedule(run_optim)
     graphdef, _, abstract_state, shardings = train_step.abstract_train_state(
         lambda: JinaCLIP(config.model, rngs=nnx.Rngs(config.seed)), tx, mesh)
+    sharding.check_replicated_fraction(shardings["params"], abstract_state["params"], mesh,
+                                       config.get("max_replicated_fraction", None))
     step_fn = train_step.make_train_step(graphdef, tx, config.loss, mesh, shardings,
                                          micro_batches=config.micro_batches, schedule=schedule)
     batch = batch_shapes(config, tasks, mesh)
