@@ -33,11 +33,14 @@ setup(
         "tfds": ["tensorflow-datasets", "importlib_resources"],
         # jclip-eval's harness adapters (mteb, clip_benchmark) and the Matryoshka plot; CI tests run them.
         "eval": ["mteb>=2.26,<2.27", "clip-benchmark==1.6.2", "matplotlib"],
+        # libtpu: what TPU hosts install, and what jclip-compile needs to compile for a TPU topology on any host.
+        "tpu": ["jax[tpu]"],
         "test": [
             "pytest", "pytest-xdist", "ruff", "torch", "timm", "open_clip_torch",
             "tensorflow-datasets", "importlib_resources",
             "mteb>=2.26,<2.27", "clip-benchmark==1.6.2", "matplotlib",  # = the eval extra
             "nbclient", "nbformat", "ipykernel",  # notebooks executed in CI
+            "jax[tpu]",  # = the tpu extra: tests/test_compile.py
         ],
     },
     entry_points={
@@ -46,6 +49,7 @@ setup(
             "jclip-prepare=jclip_jax.data.prepare:main",
             "jclip-train=jclip_jax.train:run",
             "jclip-eval=jclip_jax.evals.cli:main",
+            "jclip-compile=jclip_jax.compile.cli:run",
         ],
     },
 )

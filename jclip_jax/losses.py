@@ -47,6 +47,12 @@ STAGE_TASKS = {
 }
 TASKS = ("text_pair", "image_text", "text_triplet")
 IMPLEMENTATIONS = ("plain", "tiled")
+# loss.precision: the logits matmuls' precision (jax.lax.Precision). 'highest' is true float32 on every
+# backend. At a backend's default, a float32 matmul runs as ONE bf16 pass on TPU (logits off by ~1e-3 x
+# scale, 0.2 at scale 100); 'high' is three bf16 passes (float32-like at a third of 'highest's cost). The
+# logits are a few % of a step's FLOPs at jina-clip's sizes, so the default is 'highest'.
+PRECISIONS = ("default", "high", "highest")
+DEFAULT_PRECISION = "highest"
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -145,21 +151,33 @@ def _chunks(x, axes, ring_size, gather, body, init):
     return jax.lax.fori_loop(1, ring_size, step, (x, body(x, init)))[1]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _blockwise_logsumexp(rows, cols, scale, axes, ring_size, tile, gather):
+def _matmul_t(a, b, precision):
+    """a @ b.T at the loss's precision: (n, D) x (m, D) -> (n, m) float32."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
+
+
+def _matmul(a, b, precision):
+    """a @ b at the loss's precision: (n, k) x (k, D) -> (n, D) float32."""
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _blockwise_logsumexp(rows, cols, scale, axes, ring_size, tile, gather, precision):
     """(n, D) local rows x (m, D) local columns -> (n,) lse_j over all global columns of s rows_i.cols_j.
 
     Memory: one (n, tile) logits tile at a time (tile=None: a whole chunk). The backward pass recomputes
     the logits instead of saving them.
     """
-    return _blockwise_logsumexp_fwd(rows, cols, scale, axes, ring_size, tile, gather)[0]
+    return _blockwise_logsumexp_fwd(rows, cols, scale, axes, ring_size, tile, gather, precision)[0]
 
 
-def _blockwise_logsumexp_fwd(rows, cols, scale, axes, ring_size, tile, gather):
+def _blockwise_logsumexp_fwd(rows, cols, scale, axes, ring_size, tile, gather, precision):
     def add_chunk(chunk, running):
         def add_tile(running, col_tile):  # online log-sum-exp: running max m, running sum s of exp(x - m)
             m, s = running
-            logits = scaled_rows @ col_tile.T  # (n, tile)
+            logits = _matmul_t(scaled_rows, col_tile, precision)  # (n, tile)
             m_new = jnp.maximum(m, jnp.max(logits, axis=1))
             s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]), axis=1)
             return (m_new, s), None
@@ -176,7 +194,7 @@ def _blockwise_logsumexp_fwd(rows, cols, scale, axes, ring_size, tile, gather):
     return lse, (rows, cols, scale, lse)
 
 
-def _blockwise_logsumexp_bwd(axes, ring_size, tile, gather, residuals, g):
+def _blockwise_logsumexp_bwd(axes, ring_size, tile, gather, precision, residuals, g):
     """g (n,) = dLoss/dlse. With P_ij = exp(s r_i.c_j - lse_i):
     d r_i = s sum_j g_i P_ij c_j     (columns visit this device, as in the forward pass)
     d c_j = s sum_i g_i P_ij r_i     (rows visit this device with their lse and g, so the gradient of a
@@ -192,16 +210,16 @@ def _blockwise_logsumexp_bwd(axes, ring_size, tile, gather, residuals, g):
 
     def rows_grad(col_chunk, acc):  # local rows against one chunk of columns
         def add_tile(acc, col_tile):
-            weights = g[:, None] * jnp.exp(scaled_rows @ col_tile.T - lse[:, None])  # (n, tile)
-            return acc + weights @ col_tile, None
+            weights = g[:, None] * jnp.exp(_matmul_t(scaled_rows, col_tile, precision) - lse[:, None])  # (n, tile)
+            return acc + _matmul(weights, col_tile, precision), None
 
         return jax.lax.scan(add_tile, acc, _tiles(col_chunk, tile or col_chunk.shape[0]))[0]
 
     def cols_grad(row_chunk, d_cols):  # one chunk of rows (with their lse and g) against the local columns
         def add_tile(d_cols, row_tile):
             r, r_lse, r_g = row_tile
-            weights = r_g[:, None] * jnp.exp(r @ scaled_cols.T - r_lse[:, None])  # (tile, m)
-            return d_cols + scale * (weights.T @ r), None
+            weights = r_g[:, None] * jnp.exp(_matmul_t(r, scaled_cols, precision) - r_lse[:, None])  # (tile, m)
+            return d_cols + scale * _matmul(weights.T, r, precision), None
 
         tiles = jax.tree.map(lambda x: _tiles(x, tile or row_chunk[0].shape[0]), row_chunk)
         return jax.lax.scan(add_tile, d_cols, tiles)[0]
@@ -217,7 +235,7 @@ def _blockwise_logsumexp_bwd(axes, ring_size, tile, gather, residuals, g):
 _blockwise_logsumexp.defvjp(_blockwise_logsumexp_fwd, _blockwise_logsumexp_bwd)
 
 
-def _local_rows_infonce(q, p, negatives, scale, *, axes, ring_size, implementation, tile_size):
+def _local_rows_infonce(q, p, negatives, scale, *, axes, ring_size, implementation, tile_size, precision):
     """Sum over this device's rows of both directions' -log softmax[positive]; see the module docstring.
 
     q, p: (n, D); negatives: (n, K, D) or None; scale: (). Returns the (unnormalised) local sum.
@@ -230,29 +248,34 @@ def _local_rows_infonce(q, p, negatives, scale, *, axes, ring_size, implementati
     tile, gather = (None, True) if implementation == "plain" else (tile_size, False)
     if axes:  # scale is replicated; this cast makes its backward sum the per-device contributions
         scale = jax.lax.pcast(scale, axes, to="varying")
-    lse_q = _blockwise_logsumexp(q, candidates, scale, axes, ring_size, tile, gather)  # q -> all candidates
+    lse_q = _blockwise_logsumexp(q, candidates, scale, axes, ring_size, tile, gather, precision)  # q -> all candidates
     # One direction at a time (forward, and in reverse order backward): one logits block alive at once.
     q, p, lse_q = jax.lax.optimization_barrier((q, p, lse_q))
-    lse_p = _blockwise_logsumexp(p, q, scale, axes, ring_size, tile, gather)  # p -> all queries
+    lse_p = _blockwise_logsumexp(p, q, scale, axes, ring_size, tile, gather, precision)  # p -> all queries
     positives = scale * jnp.sum(q * p, axis=-1)
     return jnp.sum(lse_q - positives) + jnp.sum(lse_p - positives)
 
 
 def sharded_infonce(q: jax.Array, p: jax.Array, scale: jax.Array | float, negatives: jax.Array | None = None,
                     *, mesh: jax.sharding.Mesh | None, batch_axes: Sequence[str] = (),
-                    implementation: str = "plain", tile_size: int | None = None) -> jax.Array:
+                    implementation: str = "plain", tile_size: int | None = None,
+                    precision: str = DEFAULT_PRECISION) -> jax.Array:
     """L_nce (negatives=None) or L_nce+ of the global batch, with the batch split over `batch_axes`.
 
     q, p: (B, D); negatives: (B, K, D) or None; float32, L2-normalised; scale: (). The rows are resharded
     to P(batch_axes) (other mesh axes hold replicas). Equals `infonce` / `infonce_hard_negatives` on the
     whole batch. `tile_size` (tiled only): columns per tile; None = one tile per device chunk.
+    `precision`: of the logits matmuls, one of PRECISIONS (see there).
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"loss.implementation={implementation!r}; expected one of {IMPLEMENTATIONS}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"loss.precision={precision!r}; expected one of {PRECISIONS}")
     axes = tuple(batch_axes)
     global_batch = q.shape[0]
     scale = jnp.asarray(scale, jnp.float32)
-    local = functools.partial(_local_rows_infonce, implementation=implementation, tile_size=tile_size)
+    local = functools.partial(_local_rows_infonce, implementation=implementation, tile_size=tile_size,
+                              precision=jax.lax.Precision(precision))
     if not axes:  # one device (or the batch replicated): no collectives
         return local(q, p, negatives, scale, axes=(), ring_size=1) / global_batch
     if mesh is None:
@@ -302,7 +325,7 @@ def matryoshka_infonce(q, p, scale, negatives=None, *, dims: Sequence[int] = (),
 
 def check_loss_config(loss_config) -> tuple[str, ...]:
     """Validate `config.loss` early; return its tasks. Fields: stage (1/2/3) or tasks, implementation,
-    tile_size, text_temperature, matryoshka_dims, matryoshka_weights, batch_axes."""
+    tile_size, precision, text_temperature, matryoshka_dims, matryoshka_weights, batch_axes."""
     tasks = tuple(loss_config.get("tasks", None) or ())
     if not tasks:
         stage = loss_config.get("stage", None)
@@ -316,6 +339,9 @@ def check_loss_config(loss_config) -> tuple[str, ...]:
     impl = loss_config.get("implementation", "plain")
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"loss.implementation={impl!r}; expected one of {IMPLEMENTATIONS}")
+    precision = loss_config.get("precision", DEFAULT_PRECISION)
+    if precision not in PRECISIONS:
+        raise ValueError(f"loss.precision={precision!r}; expected one of {PRECISIONS}")
     tile = loss_config.get("tile_size", None)
     if tile is not None and (not isinstance(tile, int) or tile <= 0):
         raise ValueError(f"loss.tile_size={tile!r} must be a positive int or None")
@@ -337,6 +363,7 @@ def joint_loss(features: dict[str, jax.Array], logit_scale: jax.Array, loss_conf
     kwargs = dict(mesh=mesh, batch_axes=tuple(loss_config.get("batch_axes", ()) or ()),
                   implementation=loss_config.get("implementation", "plain"),
                   tile_size=loss_config.get("tile_size", None),
+                  precision=loss_config.get("precision", DEFAULT_PRECISION),
                   dims=tuple(loss_config.get("matryoshka_dims", ()) or ()),
                   weights=tuple(loss_config.get("matryoshka_weights", ()) or ()))
     text_scale = 1.0 / loss_config.get("text_temperature", TEXT_PAIR_TEMPERATURE)

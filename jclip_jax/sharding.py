@@ -117,6 +117,19 @@ def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
     return NamedSharding(mesh, P(batch_axes(mesh, rules)))
 
 
+def check_replicated_fraction(shardings, abstract_params, mesh: Mesh, limit: float | None) -> None:
+    """With an 'fsdp' axis > 1, fail if more than `limit` of the parameter elements are replicated on every
+    device (a rule that does not apply, e.g. an axis the mesh does not divide), as MaxText does.
+    limit=None turns the check off (config.max_replicated_fraction)."""
+    if limit is None or mesh.shape.get("fsdp", 1) <= 1:
+        return
+    fraction = replicated_fraction(shardings, abstract_params)
+    if fraction > limit:
+        raise ValueError(f"{100 * fraction:.2f}% of the parameter elements are replicated on every device "
+                         f"with mesh {dict(mesh.shape)}, above config.max_replicated_fraction={limit} "
+                         "(check the fsdp size divides the model widths; None turns this check off)")
+
+
 def replicated_fraction(shardings, abstract_state) -> float:
     """Fraction of parameter elements that every device holds in full (MaxText checks this is small)."""
     total = replicated = 0

@@ -183,6 +183,7 @@ def train(config, workdir: str) -> dict:
     graphdef, state, shardings = train_step.create_train_state(
         lambda: JinaCLIP(config.model, rngs=nnx.Rngs(config.seed)), tx, mesh)
     abstract_state = jax.eval_shape(lambda: state)
+    sharding.check_replicated_fraction(shardings["params"], state["params"], mesh, config.max_replicated_fraction)
 
     mngr = checkpoints.manager(workdir, config.keep_checkpoints)
     start = mngr.latest_step()

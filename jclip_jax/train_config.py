@@ -21,6 +21,7 @@ import ml_collections
 from jclip_jax import losses, optim
 from jclip_jax.data.pipeline import DataConfig
 from jclip_jax.models import configs as model_configs
+from jclip_jax.models.layers import REMAT_POLICIES
 
 DATA_FIELDS = tuple(DataConfig.__dataclass_fields__)
 
@@ -37,6 +38,7 @@ def base_config(model: ml_collections.ConfigDict, stage: int) -> ml_collections.
     c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
     c.micro_batches = 1  # > 1: GradCache, the same update as the whole batch at once
     c.peak_flops_per_device = None  # None: the device table, or a measured matmul on CPU
+    c.max_replicated_fraction = 0.01  # with an fsdp axis > 1: fail above this share of replicated params
 
     c.init = ml_collections.ConfigDict()
     c.init.checkpoint = ml_collections.FieldReference(None, field_type=str)
@@ -66,6 +68,7 @@ def base_config(model: ml_collections.ConfigDict, stage: int) -> ml_collections.
     c.loss.stage = stage
     c.loss.implementation = "plain"  # or "tiled" when even the local logits rows are too big
     c.loss.tile_size = ml_collections.FieldReference(None, field_type=int)
+    c.loss.precision = losses.DEFAULT_PRECISION  # logits matmuls: 'highest' (fp32), 'high' or 'default'
     c.loss.text_temperature = losses.TEXT_PAIR_TEMPERATURE
     c.loss.matryoshka_dims = ()
     c.loss.matryoshka_weights = ()
@@ -108,6 +111,9 @@ def validate(config) -> None:
     if config.data.text_dir:
         positive("data.text_batch_size", config.data.text_batch_size)
     positive("evals.batch_size", config.evals.batch_size)
+    policy = config.model.get("remat_policy", "nothing")
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"config.model.remat_policy={policy!r}; known: {sorted(REMAT_POLICIES)}")
     for name in ("image_max_length", "text_max_length"):
         if not 2 <= config.data[name] <= 8192:
             raise ValueError(f"config.data.{name}={config.data[name]!r} must lie in [2, 8192]")

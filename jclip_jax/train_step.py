@@ -14,7 +14,8 @@ Batch (a dict of global arrays, leading axis = the task's batch; only the keys o
   image_text:   'image_caption' int32 (B, L), 'image' float32 (B, H, W, 3) (NHWC, CLIP-normalised)
   text_triplet: 'triplet_query' int32 (B, L), 'triplet_positive' int32 (B, L),
                 'triplet_negatives' int32 (B, K, L)
-Each key goes through its tower on its own; the features dict has the same keys (see losses.joint_loss).
+Text keys of equal shape go through the text tower as one batch (see `features`); the features dict has
+the same keys as the batch (see losses.joint_loss).
 
 GradCache (micro_batches = k > 1) gives the same update as the whole batch at once, with the activation
 memory of one micro-batch: (1) embed every micro-batch without gradients, (2) take the loss over the
@@ -36,6 +37,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jclip_jax import losses, sharding
+from jclip_jax.models.layers import activation_sharding
 
 TEXT_KEYS = ("text_query", "text_passage", "image_caption", "triplet_query", "triplet_positive",
              "triplet_negatives")
@@ -50,11 +52,12 @@ TASK_KEYS = {
 # ----------------------------------------------------------------------------------------- state
 
 
-def create_train_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh,
-                       rules=sharding.DEFAULT_RULES):
-    """Build params and optimizer state directly in their shardings (nothing is materialised replicated).
+def abstract_train_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh,
+                         rules=sharding.DEFAULT_RULES):
+    """The train state's shapes and shardings, without running anything (also for compile-only devices).
 
-    Returns (graphdef, state, state_shardings); shardings come from the params' logical axis names.
+    Returns (graphdef, init, abstract_state, state_shardings): `init()` builds the state; the abstract
+    state's leaves are ShapeDtypeStructs carrying their NamedShardings.
     """
     abstract_model = nnx.eval_shape(make_model)
     graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
@@ -65,7 +68,19 @@ def create_train_state(make_model: Callable[[], nnx.Module], tx: optax.GradientT
         params = nnx.state(make_model(), nnx.Param)
         return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-    shardings = sharding.state_shardings(jax.eval_shape(init), mesh, rules)
+    shapes = jax.eval_shape(init)
+    shardings = sharding.state_shardings(shapes, mesh, rules)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+    return graphdef, init, abstract, shardings
+
+
+def create_train_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh,
+                       rules=sharding.DEFAULT_RULES):
+    """Build params and optimizer state directly in their shardings (nothing is materialised replicated).
+
+    Returns (graphdef, state, state_shardings); shardings come from the params' logical axis names.
+    """
+    graphdef, init, _, shardings = abstract_train_state(make_model, tx, mesh, rules)
     state = jax.jit(init, out_shardings=shardings)()
     return graphdef, state, shardings
 
@@ -76,22 +91,34 @@ def create_train_state(make_model: Callable[[], nnx.Module], tx: optax.GradientT
 def features(graphdef, params, batch: dict, rng: jax.Array | None) -> dict[str, jax.Array]:
     """Tower outputs for every key of `batch`: float32 (B, D) (negatives: (B, K, D)), not normalised.
 
-    rng=None: deterministic (no dropout); else each key gets its own fold of rng.
+    Text keys with the same (rows, length) go through the text tower as ONE batch (one larger matmul per
+    weight, and one weight gradient instead of one per key): stacked per row as (B, keys, L) -> (B*keys, L),
+    so each device's rows stay on that device, then split back. Every row is computed on its own (padding
+    masks, mean pooling), so this is the same maths as one call per key.
+    rng=None: deterministic (no dropout); else each tower call gets its own fold of rng (dropout masks are
+    independent per row either way).
     """
     model = nnx.merge(graphdef, params)
     out = {}
+    groups: dict[tuple[int, int], list[str]] = {}
     for key in sorted(batch):
-        key_rng = None if rng is None else jax.random.fold_in(rng, _key_index(key))
+        if key not in TEXT_KEYS + IMAGE_KEYS:
+            raise ValueError(f"unknown batch key {key!r}; known: {TEXT_KEYS + IMAGE_KEYS}")
         x = batch[key]
         if key in IMAGE_KEYS:
-            out[key] = model.image_features(x, rng=key_rng)
-        elif key == "triplet_negatives":  # (B, K, L) -> (B*K, L) through the tower -> (B, K, D)
-            b, k, length = x.shape
-            out[key] = model.text_features(x.reshape(b * k, length), rng=key_rng).reshape(b, k, -1)
-        elif key in TEXT_KEYS:
-            out[key] = model.text_features(x, rng=key_rng)
+            out[key] = model.image_features(x, rng=None if rng is None else jax.random.fold_in(rng, _key_index(key)))
         else:
-            raise ValueError(f"unknown batch key {key!r}; known: {TEXT_KEYS + IMAGE_KEYS}")
+            groups.setdefault((x.shape[0], x.shape[-1]), []).append(key)
+    for (rows, length), keys in groups.items():
+        parts = [batch[k].reshape(rows, -1, length) for k in keys]  # negatives (B, K, L); others (B, 1, L)
+        stacked = jnp.concatenate(parts, axis=1)  # (B, N, L)
+        key_rng = None if rng is None else jax.random.fold_in(rng, _key_index(keys[0]))
+        embedded = model.text_features(stacked.reshape(-1, length), rng=key_rng).reshape(rows, stacked.shape[1], -1)
+        start = 0
+        for k, part in zip(keys, parts, strict=True):
+            e = embedded[:, start:start + part.shape[1]]
+            out[k] = e if k == "triplet_negatives" else e[:, 0]
+            start += part.shape[1]
     return out
 
 
@@ -191,21 +218,24 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_config, mes
     def loss_fn(params, embeddings):
         return losses.joint_loss(embeddings, params["logit_scale"][...], loss_config, mesh=mesh)
 
-    def step(state, batch, rng):
-        check_batch(batch, tasks, micro_batches, batch_devices)
-        rng = rng if dropout else None
-        params = state["params"]
+    def gradients(params, batch, rng):
         if micro_batches == 1:
             def full_loss(params):
                 return loss_fn(params, embed_fn(params, batch, 0, rng))
 
-            (loss, metrics), grads = jax.value_and_grad(full_loss, has_aux=True)(params)
-        else:
-            def micro_embed_fn(params, micro_batch, index):
-                return embed_fn(params, micro_batch, index, rng)
+            return jax.value_and_grad(full_loss, has_aux=True)(params)
 
-            (loss, metrics), grads = grad_cache(micro_embed_fn, loss_fn, params, batch, micro_batches,
-                                                batch_sharding)
+        def micro_embed_fn(params, micro_batch, index):
+            return embed_fn(params, micro_batch, index, rng)
+
+        return grad_cache(micro_embed_fn, loss_fn, params, batch, micro_batches, batch_sharding)
+
+    def step(state, batch, rng):
+        check_batch(batch, tasks, micro_batches, batch_devices)
+        rng = rng if dropout else None
+        params = state["params"]
+        with activation_sharding(mesh, rules):  # the towers' activations: rows over the batch axes
+            (loss, metrics), grads = gradients(params, batch, rng)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
         # open_clip clamps log(1/tau) to [0, ln 100] after every update.

@@ -26,7 +26,8 @@ def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
 class JinaCLIP(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs, tokenizer=None):
         self.cfg = cfg
-        opts = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers, remat=cfg.remat)
+        remat = cfg.get("remat_policy", "nothing") if cfg.remat else False  # a policy name, or off
+        opts = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers, remat=remat)
         self.text_model = JinaBertTextTower(cfg.text, rngs=rngs, **opts)
         self.vision_model = EvaVisionTower(cfg.vision, rngs=rngs, **opts)
         pdt = dtype_of(cfg.param_dtype)

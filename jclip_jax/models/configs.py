@@ -56,6 +56,9 @@ def clip_config(text=None, vision=None, **overrides) -> ml_collections.ConfigDic
     c.dtype = "float32"
     c.param_dtype = "float32"
     c.remat = False
+    # What remat keeps: 'nothing' (recompute each block whole), 'dots' (keep the projections' outputs,
+    # recompute attention and elementwise ops: more memory, less recompute); see layers.REMAT_POLICIES.
+    c.remat_policy = "nothing"
     c.scan_layers = True
     c.update(overrides)
     return c

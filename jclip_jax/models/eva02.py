@@ -17,6 +17,7 @@ from flax import nnx
 
 from jclip_jax.models.layers import (
     ZEROS,
+    constrain_activation,
     dtype_of,
     layer_norm,
     logical,
@@ -81,7 +82,8 @@ class EvaBlock(nnx.Module):
 
     def attention(self, x, cos, sin):
         """x: (B, 1+T, W); cos/sin: (B or 1, T, head_dim) for the T patch tokens."""
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, 1+T, heads, head_dim)
+        heads = lambda a: constrain_activation(a, "batch", None, "heads", None)  # noqa: E731
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))  # (B, 1+T, heads, hd)
         q = jnp.concatenate([q[:, :1], apply_rope(q[:, 1:], cos, sin)], axis=1)
         k = jnp.concatenate([k[:, :1], apply_rope(k[:, 1:], cos, sin)], axis=1)
         out = jax.nn.dot_product_attention(q, k, v)  # scale head_dim^-0.5, no mask
@@ -91,7 +93,8 @@ class EvaBlock(nnx.Module):
     def __call__(self, x, cos, sin):
         x = x + self.attention(self.norm1(x), cos, sin)
         y = self.norm2(x)
-        return x + self.w3(self.ffn_ln(jax.nn.silu(self.w1(y)) * self.w2(y)))
+        mlp = lambda a: constrain_activation(a, "batch", None, "mlp")  # noqa: E731
+        return x + self.w3(self.ffn_ln(jax.nn.silu(mlp(self.w1(y))) * mlp(self.w2(y))))
 
 
 class EvaVisionTower(nnx.Module):

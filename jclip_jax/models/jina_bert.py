@@ -25,6 +25,7 @@ from flax import nnx
 
 from jclip_jax.models.layers import (
     ZEROS,
+    constrain_activation,
     dropout,
     dtype_of,
     layer_norm,
@@ -88,12 +89,12 @@ class JinaBertBlock(nnx.Module):
     def __call__(self, h, bias, key_mask, rng=None):
         """h: (B, L, D); bias: (1, heads, L, L) ALiBi; key_mask: (B, L) bool, True = real token."""
         rng_attn, rng_mlp = (None, None) if rng is None else jax.random.split(rng)
-        qkv = self.wqkv(h)  # (B, L, 3, heads, head_dim)
+        qkv = constrain_activation(self.wqkv(h), "batch", None, None, "heads", None)  # (B, L, 3, heads, hd)
         attn = jax.nn.dot_product_attention(
             qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
             bias=bias.astype(qkv.dtype), mask=key_mask[:, None, None, :])
         h = self.norm1(h + dropout(self.out_proj(attn), self.dropout_rate, rng_attn))
-        gate_value = self.gated_layers(h)  # (B, L, 2, I)
+        gate_value = constrain_activation(self.gated_layers(h), "batch", None, None, "mlp")  # (B, L, 2, I)
         mlp = jax.nn.gelu(gate_value[..., 0, :], approximate=False) * gate_value[..., 1, :]
         return self.norm2(h + dropout(self.wo(mlp), self.dropout_rate, rng_mlp))
 

@@ -9,11 +9,23 @@ Logical axis names used by every parameter (the sharding rules map them to mesh 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+# Names for config.model.remat_policy: what each rematerialised block keeps for the backward pass.
+REMAT_POLICIES = {
+    "nothing": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projection outputs, not attention
+    "everything": jax.checkpoint_policies.everything_saveable,  # keep all (remat off, still one scan body)
+}
+
+# (mesh, rules) while the train step is traced (`activation_sharding`); None elsewhere (no constraints).
+_ACTIVATION_MESH = contextvars.ContextVar("activation_mesh", default=None)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -31,6 +43,39 @@ def logical(init, *names):
     value at creation; the sharding rules (jclip_jax/sharding.py) resolve them later.
     """
     return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh, rules):
+    """Within this context, `constrain_activation` pins activations to the mesh by logical names.
+
+    The train step traces the model inside it. Why: with an 'fsdp' axis the parameters are sharded on
+    'embed', and GSPMD would otherwise carry that onto the activations (width split over 'fsdp', the rows
+    only over 'data', a full all-reduce after every matmul). Pinned activations keep rows over all batch
+    axes and the width whole, so FSDP all-gathers each layer's weights and reduce-scatters their gradients.
+    """
+    token = _ACTIVATION_MESH.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def constrain_activation(x: jax.Array, *names: str | None) -> jax.Array:
+    """Sharding constraint on an activation by logical axis names, one per dimension of x.
+
+    'batch' = the rows (mapped to the batch mesh axes), 'heads' / 'mlp' = tensor-parallel dimensions, None
+    = unsharded (e.g. the sequence and the model width). A no-op outside `activation_sharding`.
+    Example: h = constrain_activation(h, "batch", None, None)   # (B, L, D) residual stream
+    """
+    context = _ACTIVATION_MESH.get()
+    if context is None:
+        return x
+    from jclip_jax import sharding  # the rules live there; imported here to keep the models mesh-agnostic
+
+    mesh, rules = context
+    spec = sharding.logical_to_mesh_spec(names, x.shape, mesh, rules)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
 
 
 def trunc_normal(std: float = 0.02):
@@ -78,22 +123,28 @@ def run_stacked(
     layer_rngs: jax.Array | None,
     *,
     scan: bool,
-    remat: bool,
+    remat: bool | str,
 ) -> jax.Array:
     """h -> apply_block(block_i, h, rng_i) for i = 0..L-1 over stacked `blocks`.
 
     scan=True traces one block and loops with `lax.scan` (compile time flat in depth); scan=False
-    unrolls. remat=True rematerialises each block in the backward pass (activation memory O(1 block)).
+    unrolls. remat=True (or a REMAT_POLICIES name; True = 'nothing') rematerialises each block in the
+    backward pass, keeping only what the policy saves (activation memory O(1 block) for 'nothing').
     `layer_rngs`: (L, 2) uint32 keys, or None for deterministic.
     """
     graphdef, stacked_state = nnx.split(blocks)
 
     def body(carry, xs):
         layer_state, rng = xs
-        return apply_block(nnx.merge(graphdef, layer_state), carry, rng), None
+        carry = constrain_activation(carry, "batch", *(None,) * (carry.ndim - 1))
+        out = apply_block(nnx.merge(graphdef, layer_state), carry, rng)
+        return constrain_activation(out, "batch", *(None,) * (out.ndim - 1)), None
 
     if remat:
-        body = jax.checkpoint(body, prevent_cse=not scan, policy=jax.checkpoint_policies.nothing_saveable)
+        name = "nothing" if remat is True else remat
+        if name not in REMAT_POLICIES:
+            raise ValueError(f"model.remat_policy={name!r}; known: {sorted(REMAT_POLICIES)}")
+        body = jax.checkpoint(body, prevent_cse=not scan, policy=REMAT_POLICIES[name])
     if scan:
         h, _ = jax.lax.scan(body, h, (stacked_state, layer_rngs))
         return h

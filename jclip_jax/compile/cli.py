@@ -1,0 +1,65 @@
+"""jclip-compile: compile the training step of a config for a named TPU topology, on this host, and report.
+
+    jclip-compile --config configs/jina_clip_v1/stage1.py --topology v5p:4x4x4
+    jclip-compile --config configs/demo.py --topology v5e:2x2 --config.micro_batches=2 --json report.json
+    jclip-compile ... --topology v5e:16x16 --num_slices 2        # two slices over the data-centre network
+
+Needs libtpu (`pip install -e '.[tpu]'`); no TPU, network or metadata server is touched. Exit status:
+0 fits, 1 does not fit (the largest buffers and the knobs to try are printed), 2 bad config or topology.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+
+from jclip_jax import train  # noqa: F401  (defines --config, the same config-file flag as jclip-train)
+
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology <chip>:<grid>, e.g. v5e:2x2, v5p:4x4x4, v6e:8x8.")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of that topology (multi-slice over DCN).")
+_JSON = flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
+
+
+def compile_and_report(config, topology_name: str, num_slices: int = 1) -> dict:
+    """Compile config's step for the topology; the report dict (report.build_report)."""
+    from jclip_jax.compile import program, report, topology
+
+    devices = topology.topology_devices(topology_name, num_slices)
+    step = program.compile_train_step(config, devices, num_slices)
+    return report.build_report(step, topology_name, num_slices)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not _TOPOLOGY.value:
+        raise app.UsageError("--topology is required, e.g. --topology v5e:2x2")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    from jclip_jax.compile import report
+
+    try:
+        result = compile_and_report(flags.FLAGS.config, _TOPOLOGY.value, _NUM_SLICES.value)
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("JCLIP_DEBUG"):
+            raise
+        print(f"jclip-compile: {e}  (JCLIP_DEBUG=1 shows the traceback)", file=sys.stderr)
+        sys.exit(2)
+    print(report.format_report(result), flush=True)
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(result, f, indent=2, default=float)
+    sys.exit(0 if result["fits"] else 1)
+
+
+def run():
+    """Console-script entry point."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs nothing; TPU devices are compile-only
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

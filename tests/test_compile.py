@@ -1,0 +1,139 @@
+"""jclip-compile: the tiny config compiled for a small TPU topology (v5e:2x2) with libtpu, on this CPU host.
+
+The report's fields are checked against the compiled object's own analyses, the HLO FLOP counter against
+hand-computed FLOPs of a calibration program with loops, and an oversized batch against the compiler's
+refusal (non-zero exit). Nothing runs on a TPU: the devices are compile-only.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jclip_jax import flops
+from jclip_jax.compile import hlo, program, report, topology
+
+pytest.importorskip("libtpu", reason="needs the tpu extra (pip install -e '.[tpu]')")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs", "demo.py")
+TOPOLOGY = "v5e:2x2"
+SMALL = dict(image_batch_size=16, text_batch_size=16, image_max_length=16, text_max_length=16)
+
+
+def demo_config(**data):
+    spec = importlib.util.spec_from_file_location("demo_config", DEMO)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.model.dtype = "bfloat16"
+    c.model.vision.patch_dropout = 0.0  # so the compiled FLOPs match the analytic model FLOPs
+    c.data.update(data)
+    return c
+
+
+@pytest.fixture(scope="module")
+def compiled_tiny():
+    step = program.compile_train_step(demo_config(**SMALL), topology.topology_devices(TOPOLOGY))
+    return step, report.build_report(step, TOPOLOGY)
+
+
+def test_hlo_flops_count_loop_trip_counts_on_a_calibration_program():
+    """A scan of L matmuls (forward + backward), a fori_loop starting at 1 and a strided conv: the HLO
+    count equals the hand count per device; cost_analysis() counts each loop body once."""
+    mesh = topology.make_mesh((("data", -1),), topology.topology_devices(TOPOLOGY))
+    layers, m, k, trips = 6, 64, 256, 3
+
+    def scan_loss(ws, x):
+        h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, ws)
+        return jnp.sum(h.astype(jnp.float32))
+
+    def f(ws, x, img, kernel):  # grad of a scan; a while loop counting from 1; a strided conv (patch embed)
+        _, g = jax.lax.while_loop(lambda c: c[0] < 1 + trips, lambda c: (c[0] + 1, jnp.sin(c[1] @ ws[0])), (1, x))
+        conv = jax.lax.conv_general_dilated(img, kernel, (4, 4), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.grad(scan_loss)(ws, x), g, conv
+
+    rows, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    args = (jax.ShapeDtypeStruct((layers, k, k), jnp.bfloat16, sharding=rep),
+            jax.ShapeDtypeStruct((m, k), jnp.bfloat16, sharding=rows),
+            jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32, sharding=rows),
+            jax.ShapeDtypeStruct((4, 4, 3, 128), jnp.float32, sharding=rep))
+    compiled = jax.jit(f).lower(*args).compile()
+    analysis = hlo.analyze(compiled.as_text())
+    local = m // 4  # rows per device
+    scan = 3 * layers * 2 * local * k * k  # per layer: the forward matmul and two backward ones
+    loop = trips * 2 * local * k * k
+    conv = 2 * (8 // 4) * 8 * 8 * 128 * (4 * 4 * 3)
+    assert analysis.matmul_flops == scan + loop + conv
+    assert sorted(n for _, n in analysis.loops) == [trips, layers, layers]
+    assert not analysis.unknown_trip_counts
+    assert compiled.cost_analysis()["flops"] < 0.5 * analysis.matmul_flops  # one trip per loop
+
+
+def test_report_matches_the_compiled_programs_own_analyses(compiled_tiny):
+    step, r = compiled_tiny
+    mem = step.compiled.memory_analysis()
+    assert r["memory"] == {"argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes,
+                           "alias": mem.alias_size_in_bytes, "temp": mem.temp_size_in_bytes,
+                           "generated_code": mem.generated_code_size_in_bytes}
+    assert r["fits"] and r["hbm_bytes"] < r["hbm_capacity_bytes"] == 16 * 1024**3
+    assert r["cost_analysis_flops"] == step.compiled.cost_analysis()["flops"]
+    assert r["chips"] == 4 and r["mesh"] == {"data": 4}
+    # Analytic model FLOPs (flops.py) per chip; compiled = model + the (small) loss, without remat.
+    model = flops.train_step_flops(step.config.model, 16, 16, 16) / 4
+    assert r["model_flops"] == model
+    assert 0.97 < r["hlo_matmul_flops"] / model < 1.06
+    assert r["hlo_matmul_flops"] > 1.3 * r["cost_analysis_flops"]  # scan over layers counted once there
+    # bf16 towers: bf16 x bf16 matmuls carry almost all FLOPs; the loss's are float32 at 'highest'.
+    mix = r["dtype_mix"]
+    assert sum(v for key, v in mix.items() if key.startswith("bf16 x bf16")) > 0.9
+    assert any(key.startswith("f32 x f32") and key.endswith("(highest)") for key in mix)
+    # Pure data parallelism: gradients all-reduced; every parameter replicated.
+    assert r["collectives"]["all-reduce"]["count"] >= 1
+    assert r["replicated_fraction"] == 1.0 and r["replicated_params"] == []
+    rf = r["roofline"]
+    assert rf["compute_s"] == r["hlo_matmul_flops"] / topology.CHIPS["v5e"].peak_flops
+    assert rf["step_s_lower_bound"] >= rf["compute_s"] and 0 < rf["mfu_upper_bound"] <= 1
+    text = report.format_report(r)
+    assert "FITS" in text and "DOES NOT" not in text
+
+
+def test_loss_logits_run_at_the_configured_precision(compiled_tiny):
+    """loss.precision='highest' (the default): every float32 x float32 matmul of the compiled program
+    (the loss's logits, forward and backward) carries operand_precision=highest, none runs at default."""
+    step, _ = compiled_tiny
+    computations, _ = hlo.parse(step.compiled.as_text())
+    f32_matmuls = []
+    for instrs in computations.values():
+        shapes = {i.name: i for i in instrs}
+        for i in instrs:
+            if i.opcode in ("dot", "convolution") and all(shapes[o].arrays[0][0] == "f32" for o in i.operands[:2]):
+                f32_matmuls.append("operand_precision={highest,highest}" in i.attrs)
+    assert len(f32_matmuls) >= 4 and all(f32_matmuls)
+
+
+def test_an_oversized_batch_does_not_fit_and_exits_nonzero(tmp_path):
+    out = tmp_path / "report.json"
+    env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    cmd = [sys.executable, "-m", "jclip_jax.compile.cli", "--config", DEMO, "--topology", TOPOLOGY,
+           "--json", str(out), "--config.data.image_batch_size=1048576", "--config.data.text_batch_size=64",
+           "--config.data.image_max_length=16", "--config.data.text_max_length=16"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-2000:]
+    assert "DOES NOT FIT" in proc.stdout and "knobs to try" in proc.stdout
+    import json
+
+    r = json.loads(out.read_text())
+    assert r["fits"] is False and r["largest_allocations"] and r["hbm_bytes"] > r["hbm_capacity_bytes"]
+
+
+def test_bad_topology_is_one_line_and_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "jclip_jax.compile.cli", "--config", DEMO, "--topology", "v9x:2"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "--topology='v9x:2'" in proc.stderr
