@@ -121,6 +121,11 @@ class ImageTextTransform(grain.transforms.RandomMap):
         return {"image": pixels, "text": ids}
 
 
+# Records in a row that may fail to decode before a batch gives up: 0.95 ** 1000 ~ 5e-23, so only a dataset that
+# is (almost) entirely undecodable stops the run, with a message, instead of spinning forever.
+MAX_CONSECUTIVE_FAILURES = 1000
+
+
 class _BatchDroppingFailures(grain.IterDataset):
     """Stacks `batch_size` good elements, skipping DecodeFailures and counting them in the batch; images are
     normalised into the float32 batch here.
@@ -129,9 +134,11 @@ class _BatchDroppingFailures(grain.IterDataset):
     nothing between batches, so its checkpoint state is its parent's.
     """
 
-    def __init__(self, parent: grain.IterDataset, batch_size: int, drop_remainder: bool = True):
+    def __init__(self, parent: grain.IterDataset, batch_size: int, drop_remainder: bool = True,
+                 what: str = "image_text data", max_consecutive_failures: int = MAX_CONSECUTIVE_FAILURES):
         super().__init__(parent)
         self.batch_size, self.drop_remainder = batch_size, drop_remainder
+        self.what, self.max_consecutive_failures = what, max_consecutive_failures
         self.shared_memory = False
 
     def enable_shared_memory_output(self) -> None:
@@ -141,17 +148,18 @@ class _BatchDroppingFailures(grain.IterDataset):
 
     def __iter__(self):
         return _BatchDroppingFailuresIterator(self._parent.__iter__(), self.batch_size, self.drop_remainder,
-                                              self.shared_memory)
+                                              self.shared_memory, self.what, self.max_consecutive_failures)
 
 
 class _BatchDroppingFailuresIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, batch_size: int, drop_remainder: bool,
-                 shared_memory: bool):
+                 shared_memory: bool, what: str, max_consecutive_failures: int):
         super().__init__(parent)
         self.batch_size, self.drop_remainder, self.shared_memory = batch_size, drop_remainder, shared_memory
+        self.what, self.max_consecutive_failures = what, max_consecutive_failures
 
     def __next__(self) -> dict:
-        items, failures = [], 0
+        items, failures, in_a_row = [], 0, 0
         while len(items) < self.batch_size:
             try:
                 element = next(self._parent)
@@ -161,8 +169,15 @@ class _BatchDroppingFailuresIterator(grain.DatasetIterator):
                 break
             if isinstance(element, DecodeFailure):
                 failures += 1
+                in_a_row += 1
+                if in_a_row >= self.max_consecutive_failures:  # an all-bad dataset must not spin forever
+                    raise ValueError(
+                        f"{self.what}: the last {in_a_row} records all failed to decode (this batch: {len(items)} "
+                        f"of {self.batch_size} filled, {failures} failed; last error: "
+                        f"{(element.reason.splitlines() or [''])[0]:.160})")
             else:
                 items.append(element)
+                in_a_row = 0
         shape = (len(items), *items[0]["image"].shape)
         if self.shared_memory:
             image = grain.multiprocessing.SharedMemoryArray(shape, np.float32)
@@ -212,7 +227,8 @@ def image_text_dataset(config: DataConfig, share: tuple[int, int] | None = None,
                                           config.random_crop, config.crop_scale, config.crop_ratio))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                               prefetch_buffer_size=2 * batch_size))
-    return _BatchDroppingFailures(ds, batch_size, drop_remainder=repeat)
+    return _BatchDroppingFailures(ds, batch_size, drop_remainder=repeat,
+                                  what=f"image_text data {config.image_text_dir!r}")
 
 
 # ------------------------------------------------------------------------------------------------- text
