@@ -263,32 +263,28 @@ def write_undecodable(root, tokenizer_src, count=64):
     return root
 
 
-def test_all_undecodable_data_stops_with_counts_even_under_sigterm(synthetic_dir, tmp_path, compilation_cache):
+def test_all_undecodable_data_stops_with_counts_instead_of_spinning(synthetic_dir, tmp_path):
     data = write_undecodable(tmp_path / "bad", os.path.join(synthetic_dir, "tokenizer.json"))
-    cmd = [sys.executable, "-m", "jclip_jax.train", f"--config={DEMO}", f"--workdir={tmp_path / 'work'}",
-           f"--config.data.synthetic_dir={synthetic_dir}", f"--config.data.image_text_dir={data / 'train'}",
-           f"--config.data.tokenizer_path={data / 'tokenizer.json'}", "--config.data.image_batch_size=16",
-           "--config.data.text_batch_size=16", "--config.peak_flops_per_device=1e12", "--config.total_steps=4"]
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
-    out = ""
-    while "steps 0 -> 4" not in out and proc.poll() is None:
-        out += proc.stdout.readline()
-    proc.send_signal(signal.SIGTERM)  # lands while it waits for a batch, or after it has given up
-    rest, _ = proc.communicate(timeout=60)
-    out += rest
-    assert proc.returncode in (2, 128 + signal.SIGTERM), out[-3000:]
-    if proc.returncode == 2:
-        assert f"image_text data '{data / 'train'}': the last 1000 records all failed to decode" in out
-        assert "0 of 16 filled, 1000 failed" in out
-    else:
-        assert "SIGTERM while waiting for data after step 0: exiting without saving" in out
-    assert "Traceback" not in out
+    config = demo_config(synthetic_dir, **{"data.image_text_dir": str(data / "train"),
+                                           "data.tokenizer_path": str(data / "tokenizer.json")})
+    finished = []
+    timer = threading.Timer(120, lambda: finished or os.kill(os.getpid(), signal.SIGINT))  # a hang fails
+    timer.start()
+    try:
+        with pytest.raises(ValueError) as e:
+            train.train(config, str(tmp_path / "work"))
+    finally:
+        finished.append(1)
+        timer.cancel()
+    assert str(e.value).startswith(f"image_text data '{data / 'train'}': the last 1000 records all failed to "
+                                   "decode (this batch: 0 of 16 filled, 1000 failed; last error: ")
+    assert "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "work" / "checkpoints" / "1")
 
 
 def test_sigterm_while_waiting_for_data_returns_within_seconds():
-    """The loop's data wait sees the SIGTERM flag however long next() blocks (here: forever)."""
+    """The loop's data wait sees the SIGTERM flag however long next() blocks (here: forever, as an
+    all-undecodable dataset did before the bound above); the real handler, the real signal."""
     class Forever:
         def __next__(self):
             while True:
