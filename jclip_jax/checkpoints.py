@@ -1,20 +1,34 @@
 """Training checkpoints with orbax: params, optimizer state + step, data-iterator state, and the config.
 
-    WORKDIR/checkpoints/<step>/{params, train, data, config}
+    WORKDIR/checkpoints/<step>/{params, train, data, config, digest}
 
 Saves are asynchronous (orbax copies device arrays to host, then writes in the background), keep the
 newest `keep` steps, and restore into any mesh: the abstract target carries the shardings.
 `params` is its own item so that a later stage (or `jclip-convert to-torch`) can take the params alone.
+
+Integrity: orbax 0.12.8 / TensorStore checksum only the zarr3 shard index (crc32c), not the chunk data, so
+a flipped byte in a params file restores silently as a wrong value. Each save therefore also writes
+`digest`: a 32-bit hash of every array's bits (computed on device, independent of sharding) and whether it
+is finite. `restore` recomputes it and raises CheckpointCorrupt on a mismatch; `restore_latest_good` then
+falls back to the newest checkpoint that verifies and moves the bad ones to WORKDIR/checkpoints.corrupt/.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+
+class CheckpointCorrupt(ValueError):
+    """A checkpoint that cannot be read back as it was written; the message names the step and item."""
 
 
 def manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
@@ -35,10 +49,12 @@ def abstract_with_shardings(abstract_tree, shardings):
 def save(mngr: ocp.CheckpointManager, step: int, state: dict, data_iterator, config, force: bool = False) -> bool:
     import grain
 
+    train = {"opt_state": state["opt_state"], "step": state["step"]}
     items = dict(
         params=ocp.args.StandardSave(state["params"]),
-        train=ocp.args.StandardSave({"opt_state": state["opt_state"], "step": state["step"]}),
+        train=ocp.args.StandardSave(train),
         config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+        digest=ocp.args.JsonSave({"params": tree_digest(state["params"]), "train": tree_digest(train)}),
     )
     if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -46,7 +62,9 @@ def save(mngr: ocp.CheckpointManager, step: int, state: dict, data_iterator, con
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict, shardings: dict, data_iterator) -> dict:
-    """Restore the full train state (and the data iterator, in place) at `step`."""
+    """Restore the full train state (and the data iterator, in place) at `step`, verified against its digest.
+
+    Raises CheckpointCorrupt (one line) when the checkpoint cannot be read or does not match its digest."""
     import grain
 
     items = dict(
@@ -57,8 +75,135 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict, shardi
     )
     if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    out = mngr.restore(step, args=ocp.args.Composite(**items))
+    has_digest = _has_item(mngr.directory, step, "digest")
+    if has_digest:
+        items["digest"] = ocp.args.JsonRestore()
+    try:
+        out = mngr.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # TensorStore / msgpack / JSON errors on damaged files
+        raise CheckpointCorrupt(f"checkpoint step {step} in {mngr.directory} cannot be read: {one_line(e)}") from e
+    where = f"checkpoint step {step} in {mngr.directory}"
+    verify(out["params"], out["digest"]["params"] if has_digest else None, f"{where}, item params")
+    verify(out["train"], out["digest"]["train"] if has_digest else None, f"{where}, item train")
     return {"params": out["params"], "opt_state": out["train"]["opt_state"], "step": out["train"]["step"]}
+
+
+def restore_latest_good(mngr: ocp.CheckpointManager, abstract_state: dict, shardings: dict, data_iterator,
+                        report=print) -> tuple[dict | None, int | None]:
+    """(state, step) of the newest checkpoint that restores and verifies; (None, None) if there is none.
+
+    Newer bad checkpoints are reported (one line each) and moved to WORKDIR/checkpoints.corrupt/<step>, so
+    the run re-saves those steps and keep-N rotation never counts them; if every checkpoint is bad, nothing
+    is moved and CheckpointCorrupt names them all (starting over silently would lose the run).
+    """
+    bad = []
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            state = restore(mngr, step, abstract_state, shardings, data_iterator)
+        except CheckpointCorrupt as e:
+            report(f"jclip-train: {e}")
+            bad.append(step)
+            continue
+        if bad:
+            moved = quarantine(mngr, bad)
+            report(f"jclip-train: falling back to checkpoint step {step}; moved the bad ones to {moved}")
+        return state, step
+    if bad:
+        raise CheckpointCorrupt(f"no checkpoint in {mngr.directory} can be restored (steps {bad}, all bad); "
+                                "move them away to start over")
+    return None, None
+
+
+def quarantine(mngr: ocp.CheckpointManager, steps) -> str:
+    """Move checkpoint steps out of the manager's directory (to <dir>.corrupt/<step>-<time>); never deletes."""
+    directory = epath.Path(mngr.directory)
+    target = directory.parent / (directory.name + ".corrupt")
+    if jax.process_index() == 0:
+        target.mkdir(parents=True, exist_ok=True)
+        for step in steps:
+            (directory / str(step)).rename(target / f"{step}-{int(time.time())}")
+    mngr.reload()
+    return os.fspath(target)
+
+
+def _has_item(directory, step: int, item: str) -> bool:
+    return (epath.Path(directory) / str(step) / item).exists()
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception as one line of at most ~`limit` characters: its start and its end (the OS error of a
+    TensorStore failure is at the end)."""
+    text = f"{type(e).__name__}: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return text if len(text) <= limit else f"{text[:limit // 2]} ... {text[-limit // 2:]}"
+
+
+# ------------------------------------------------------------------------------------------------ digests
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """A bijective 32-bit integer hash (lowbias32): every input bit affects every output bit."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _bits32(x: jax.Array) -> jax.Array:
+    """Any array -> uint32 words of its bits (8-byte elements give a trailing axis of 2)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = jnp.dtype(x.dtype).itemsize
+    if size == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    if size < 4:
+        return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+
+
+def _leaf_digest(x: jax.Array) -> jax.Array:
+    """uint32 (2,): [hash of the bits and positions, all finite (1) or not (0)] of one array.
+
+    Wrapping uint32 sums are exact and order-free, so the value does not depend on the sharding or on
+    how XLA splits the reduction; positions enter through broadcasted iotas (no reshape, no gathering).
+    """
+    bits = _bits32(jnp.asarray(x))
+    index = jnp.zeros(bits.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(bits.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= bits.shape[axis]
+    digest = jnp.sum(_mix32(bits ^ _mix32(index + jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
+    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+    return jnp.stack([digest, finite.astype(jnp.uint32)])
+
+
+_tree_digest_jit = jax.jit(lambda tree: jax.tree.map(_leaf_digest, tree))
+
+
+def _scalar(x) -> np.ndarray:
+    return np.asarray(x.addressable_shards[0].data if isinstance(x, jax.Array) else x)
+
+
+def tree_digest(tree) -> dict[str, list]:
+    """{keystr(path): [uint32 digest, finite]} of every array of a pytree (state, params)."""
+    out = jax.tree_util.tree_leaves_with_path(_tree_digest_jit(tree))
+    return {jax.tree_util.keystr(path): [int(v[0]), bool(v[1])] for path, v in
+            ((path, _scalar(x)) for path, x in out)}
+
+
+def verify(tree, saved: dict | None, where: str) -> None:
+    """Raise CheckpointCorrupt naming the first array whose digest differs from `saved` (or is not finite)."""
+    got = tree_digest(tree)
+    if saved is not None:
+        if set(got) != set(saved):
+            raise CheckpointCorrupt(f"{where}: arrays {sorted(set(got) ^ set(saved))[:3]} differ from its digest")
+        for path, (digest, _) in got.items():
+            if digest != saved[path][0]:
+                raise CheckpointCorrupt(f"{where}: {path} does not match the digest written at save time")
+    for path, (_, finite) in got.items():
+        if not finite:
+            raise CheckpointCorrupt(f"{where}: {path} holds NaN or Inf")
 
 
 def latest_step(workdir: str) -> int | None:
@@ -76,7 +221,18 @@ def restore_params(workdir: str, abstract_params, shardings=None, step: int | No
         raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')!r}")
     target = abstract_params if shardings is None else abstract_with_shardings(abstract_params, shardings)
     with ocp.CheckpointManager(_checkpoint_dir(workdir)) as mngr:
-        out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+        items = dict(params=ocp.args.StandardRestore(target))
+        has_digest = _has_item(mngr.directory, step, "digest")
+        if has_digest:
+            items["digest"] = ocp.args.JsonRestore()
+        where = f"checkpoint step {step} in {mngr.directory}"
+        try:
+            out = mngr.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:
+            if "shape" in str(e).lower() or "strict" in str(e):  # a model mismatch, not damage
+                raise
+            raise CheckpointCorrupt(f"{where} cannot be read: {one_line(e)}") from e
+        verify(out["params"], out["digest"]["params"] if has_digest else None, f"{where}, item params")
     return out["params"], step
 
 
@@ -88,3 +244,13 @@ def restore_config(workdir: str) -> ml_collections.ConfigDict:
     with ocp.CheckpointManager(_checkpoint_dir(workdir)) as mngr:
         out = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return ml_collections.ConfigDict(out["config"])
+
+
+def saved_config(mngr: ocp.CheckpointManager) -> dict | None:
+    """The config (a JSON dict) of the newest checkpoint whose config item reads; None if none does."""
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        except Exception:  # a damaged config item: restore_latest_good reports that checkpoint
+            continue
+    return None

@@ -45,14 +45,62 @@ def pad_to_batch(x: np.ndarray, rows: int, pad_id: int | None = None) -> np.ndar
     return np.concatenate([x, pad])
 
 
+def _positive_int(name: str, value, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive integer" + (" or None" if optional else ""))
+
+
+def check_texts(texts) -> list[str]:
+    """A string or a sequence of strings -> list; anything else is a ValueError naming the item."""
+    if isinstance(texts, str):
+        return [texts]
+    if not isinstance(texts, Sequence):
+        raise ValueError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"texts[{i}] is a {type(text).__name__}, not a string")
+    return list(texts)
+
+
+IMAGE_TYPES = "PIL.Image.Image or a file path (str / os.PathLike)"
+
+
+def check_images(images) -> list:
+    """One image or a sequence of them -> list. Accepted, as in jina-clip's encode_image: PIL images and file
+    paths (no URLs: nothing is downloaded). Arrays and raw bytes are refused, naming the accepted types."""
+    import os
+
+    from PIL import Image
+
+    if isinstance(images, (Image.Image, str, os.PathLike)):
+        images = [images]
+    if not isinstance(images, (list, tuple)):
+        raise ValueError(f"images must be a list of {IMAGE_TYPES}, got {type(images).__name__}")
+    for i, image in enumerate(images):
+        if isinstance(image, Image.Image):
+            continue
+        if isinstance(image, (str, os.PathLike)):
+            if str(image).startswith(("http://", "https://")):
+                raise ValueError(f"images[{i}] is a URL; download it first (nothing is fetched here)")
+            continue
+        hint = ("; for an array use PIL.Image.fromarray(a), for encoded bytes PIL.Image.open(io.BytesIO(b))"
+                if isinstance(image, (np.ndarray, bytes, bytearray, memoryview)) else "")
+        raise ValueError(f"images[{i}] is a {type(image).__name__}; expected {IMAGE_TYPES}{hint}")
+    return list(images)
+
+
 def encode_text(model, texts: Sequence[str], batch_size: int = 32, truncate_dim: int | None = None,
                 max_length: int | None = None) -> np.ndarray:
     """texts -> float32 (len(texts), embed_dim), unit norm. Truncates to `max_length` tokens (default 512)."""
     if model.tokenizer is None:
         raise ValueError("this model has no tokenizer: load it with from_pretrained from a directory holding "
                          "tokenizer.json, or set model.tokenizer = jclip_jax.tokenizer.TextTokenizer(path)")
-    if isinstance(texts, str):
-        texts = [texts]
+    texts = check_texts(texts)
+    _positive_int("batch_size", batch_size)
+    _positive_int("truncate_dim", truncate_dim, optional=True)
+    _positive_int("max_length", max_length, optional=True)
     max_length = max_length or model.cfg.text.max_length
     out = []
     for start in range(0, len(texts), batch_size):
@@ -66,8 +114,9 @@ def encode_text(model, texts: Sequence[str], batch_size: int = 32, truncate_dim:
 
 def encode_image(model, images: Sequence, batch_size: int = 32, truncate_dim: int | None = None) -> np.ndarray:
     """PIL images or paths -> float32 (len(images), embed_dim), unit norm (spec §1.4 preprocessing)."""
-    if not isinstance(images, (list, tuple)):
-        images = [images]
+    images = check_images(images)
+    _positive_int("batch_size", batch_size)
+    _positive_int("truncate_dim", truncate_dim, optional=True)
     size = model.cfg.vision.image_size
     out = []
     for start in range(0, len(images), batch_size):

@@ -3,7 +3,8 @@
 Evaluation transform, exactly as `JinaCLIPImageProcessor` (open_clip's Resize, CenterCrop, then
 convert to RGB): shorter side -> `size` with PIL bicubic (antialiased), longer side
 int(size * long / short); centre crop with top = round((H - size) / 2); both in the image's own mode,
-RGB last; /255; normalise with the OpenAI CLIP mean/std.
+RGB last; /255; normalise with the OpenAI CLIP mean/std. Images more elongated than MAX_ASPECT_RATIO (8:1)
+are first centre-cropped to 8:1 (`limit_aspect_ratio`), which bounds the resize's memory.
 """
 
 from __future__ import annotations
@@ -51,6 +52,29 @@ def resize_shortest_side(image: Image.Image, size: int) -> Image.Image:
     return image.resize((new_w, new_h), Image.BICUBIC)
 
 
+# Longest side / shortest side beyond which the evaluation transform first centre-crops the longer side: the
+# shortest-side resize of a 4000x1 image would otherwise allocate a 896000x224 image (~1 GB for size 224).
+MAX_ASPECT_RATIO = 8
+
+
+def limit_aspect_ratio(image: Image.Image, max_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+    """Centre-crop the longer side to `max_ratio` x the shorter one, so a following shortest-side resize
+    allocates at most max_ratio * size^2 pixels. The centre crop that follows the resize keeps the central
+    square anyway, so the output is the same region (up to half a source pixel of alignment, and the
+    resize's integer rounding); images within the ratio pass through untouched (jina-clip's result exactly).
+    """
+    w, h = image.size
+    short, long = min(w, h), max(w, h)
+    if short < 1:
+        raise ValueError(f"image of size {w}x{h} has no pixels")
+    keep = int(np.ceil(max_ratio * short))
+    if long <= keep:
+        return image
+    offset = (long - keep) // 2
+    box = (offset, 0, offset + keep, h) if w > h else (0, offset, w, offset + keep)
+    return image.crop(box)
+
+
 def center_crop(image: Image.Image, size: int) -> Image.Image:
     """torchvision CenterCrop: top = round((H - size) / 2), left = round((W - size) / 2)."""
     w, h = image.size
@@ -68,7 +92,7 @@ def eval_transform(image: Image.Image | str | os.PathLike, size: int = 224) -> n
     """One image -> float32 (size, size, 3), NHWC-ready, the way jina-clip evaluates."""
     # Jina's order: resize and crop in the image's own mode, RGB last. Converting first changes the pixels
     # of RGBA/LA (PIL resamples those with premultiplied alpha) and P (resampled nearest) images.
-    img = center_crop(resize_shortest_side(load_image(image), size), size).convert("RGB")
+    img = center_crop(resize_shortest_side(limit_aspect_ratio(load_image(image)), size), size).convert("RGB")
     return normalize(np.asarray(img, dtype=np.uint8))
 
 

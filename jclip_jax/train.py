@@ -11,10 +11,12 @@ SIGTERM (TPU preemption) saves a checkpoint and exits cleanly; a restart continu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +24,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from jclip_jax import checkpoints, flops, losses, optim, sharding, train_config, train_step
+from jclip_jax import checkpoints, flops, losses, optim, preflight, sharding, train_config, train_step, workdir_lock
 from jclip_jax.convert import hf_layout
 from jclip_jax.data import pipeline
 from jclip_jax.evals.train_eval import Evaluator
@@ -32,8 +34,13 @@ from jclip_jax.train_metrics import MetricsWriter
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 DEMO_CONFIG = os.path.join(REPO_CONFIGS, "demo.py")
 
-_CONFIG = config_flags.DEFINE_config_file("config", DEMO_CONFIG, "Training config file (file.py[:arg]).",
-                                          lock_config=True)
+_CONFIG_OVERRIDE_ERRORS = (KeyError, AttributeError, TypeError, ValueError)
+try:  # with the default config file, ml_collections applies --config.* overrides here, at import
+    _CONFIG = config_flags.DEFINE_config_file("config", DEMO_CONFIG, "Training config file (file.py[:arg]).",
+                                              lock_config=True)
+    _CONFIG_ERROR = None
+except _CONFIG_OVERRIDE_ERRORS as e:  # reported in one line by parse_flags
+    _CONFIG, _CONFIG_ERROR = None, e
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Checkpoints, TensorBoard events and eval.json.")
 
 
@@ -148,6 +155,49 @@ def load_initial_params(state, shardings, params, tx):
                                                                            shardings["step"])}
 
 
+class StopWaitingForData(Exception):
+    """SIGTERM arrived while the loop was waiting for a batch: exit without a checkpoint of the partial batch."""
+
+
+class StopTraining(ValueError):
+    """A condition under which the run stops before saving (non-finite updates, a failed save)."""
+
+
+def next_batch(data_iterator, stop_requested, poll_seconds: float = 0.25):
+    """next(data_iterator), fetched in a daemon thread so that `stop_requested()` (SIGTERM) is seen within
+    `poll_seconds` however long the data takes; None if a stop was requested first."""
+    box, done = {}, threading.Event()
+
+    def fetch():
+        try:
+            box["batch"] = next(data_iterator)
+        except BaseException as e:  # handed to the caller's thread
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=fetch, daemon=True, name="jclip-next-batch").start()
+    while not done.wait(poll_seconds):
+        if stop_requested():
+            return None
+    if "error" in box:
+        raise box["error"]
+    return box["batch"]
+
+
+def check_saves(mngr, step: int) -> None:
+    """Stop at the first failed asynchronous save (e.g. a full disk), not several saves later.
+
+    orbax reports a background failure only from wait_until_finished (check_for_errors stays silent), and
+    that join is instant once no save is in progress (a local join, no cross-host barrier)."""
+    try:
+        if not mngr.is_saving_in_progress():
+            mngr.wait_until_finished()
+    except Exception as e:
+        raise StopTraining(f"saving a checkpoint failed ({checkpoints.one_line(e)}); stopped at step {step}; "
+                           f"the newest complete checkpoint is step {mngr.latest_step()}") from e
+
+
 def step_batch(batch: dict, tasks) -> dict:
     """The pipeline's {'image_text': ..., 'text': ...} -> the step's flat batch keys (train_step.py)."""
     out = {}
@@ -163,17 +213,31 @@ def step_batch(batch: dict, tasks) -> dict:
 
 def train(config, workdir: str) -> dict:
     """Runs (or resumes) the config's training in `workdir`; returns the final evaluation."""
+    with contextlib.ExitStack() as cleanup:  # the workdir lock is released however the run ends
+        return _train(config, workdir, cleanup)
+
+
+def _train(config, workdir: str, cleanup: contextlib.ExitStack) -> dict:
     if config.data.synthetic_dir:
         config = with_synthetic_paths(config)
     train_config.validate(config)  # before any compute
     maybe_initialize_distributed()
+    cleanup.enter_context(workdir_lock.hold(workdir, jax.process_index()))
     if config.data.synthetic_dir:
         prepare_synthetic_if_absent(config)
     check_paths_exist(config)
     check_tokenizer(config)
+    preflight.check_data_dirs(config)
     tasks = losses.check_loss_config(config.loss)
+    if note := train_config.warmup_note(config):
+        print(f"jclip-train: {note}", flush=True)
 
     mesh = sharding.make_mesh(config.mesh)
+    preflight.check_batch_split(config, mesh)
+    mngr = checkpoints.manager(workdir, config.keep_checkpoints)
+    if mngr.all_steps() and (saved := checkpoints.saved_config(mngr)) is not None:
+        for change in train_config.resume_changes(saved, config):  # refuses incompatible ones
+            print(f"jclip-train: resuming with {change}", flush=True)
     batch_axes = sharding.batch_axes(mesh)
     data_config = train_config.data_config(config)
     data_iterator = pipeline.train_iterator(data_config)
@@ -185,10 +249,9 @@ def train(config, workdir: str) -> dict:
     abstract_state = jax.eval_shape(lambda: state)
     sharding.check_replicated_fraction(shardings["params"], state["params"], mesh, config.max_replicated_fraction)
 
-    mngr = checkpoints.manager(workdir, config.keep_checkpoints)
-    start = mngr.latest_step()
-    if start is not None:
-        state = checkpoints.restore(mngr, start, abstract_state, shardings, data_iterator)
+    restored, start = checkpoints.restore_latest_good(mngr, abstract_state, shardings, data_iterator)
+    if restored is not None:
+        state = restored
         origin = f"checkpoint at step {start} in {workdir}"
     else:
         params, origin = initial_params(config, abstract_state["params"])
@@ -214,26 +277,48 @@ def train(config, workdir: str) -> dict:
     base_rng = jax.random.key(config.seed)
 
     step = start
+    skipped_updates = 0  # a device scalar: counted without waiting for each step
     while step < config.total_steps:
-        local = next(data_iterator)
+        local = next_batch(data_iterator, lambda: preemption.requested)
+        if local is None:
+            raise StopWaitingForData(f"SIGTERM while waiting for data after step {step}: exiting without saving; "
+                                     f"the newest checkpoint is step {mngr.latest_step()}")
         writer.count_skipped(int(local["image_text"]["decode_failures"]))
         writer.count_mixture(local["image_text"].get("source_counts"))
         batch = pipeline.make_global_batch(step_batch(local, tasks), mesh, batch_axes)
         state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
         step += 1
-        writer.step(step, metrics, log=step % config.log_every == 0 or step == config.total_steps)
+        check_saves(mngr, step)
+        skipped_updates = skipped_updates + metrics["nonfinite"]
+        metrics = dict(metrics, skipped_updates=skipped_updates)
+        log = step % config.log_every == 0 or step == config.total_steps
+        save = step % config.checkpoint_every == 0 or step == config.total_steps or preemption.requested
+        if (log or save) and config.nonfinite == "stop" and int(skipped_updates):
+            mngr.wait_until_finished()  # the earlier checkpoints are complete when we say so
+            raise StopTraining(
+                f"non-finite loss or gradient norm at {int(skipped_updates)} step(s) up to step {step} (updates "
+                f"skipped); stopped before saving (config.nonfinite='stop'); the newest checkpoint is step "
+                f"{mngr.latest_step()}; lower optim.peak_lr or set --config.nonfinite=skip to skip such updates")
+        writer.step(step, metrics, log=log)
         if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
             writer.eval(step, evaluator(state["params"]))
-        if step % config.checkpoint_every == 0 or step == config.total_steps or preemption.requested:
-            checkpoints.save(mngr, step, state, data_iterator, config, force=preemption.requested)
+        if save:
+            try:
+                checkpoints.save(mngr, step, state, data_iterator, config, force=preemption.requested)
+            except Exception as e:  # e.g. a full disk when the save starts
+                raise StopTraining(f"saving the checkpoint of step {step} failed ({checkpoints.one_line(e)}); "
+                                   f"the newest complete checkpoint is step {mngr.latest_step()}") from e
         if preemption.requested:
             mngr.wait_until_finished()
             writer.close()
             print(f"jclip-train: preempted; checkpoint saved at step {step}", flush=True)
             sys.exit(0)
 
+    mngr.wait_until_finished()
+    check_saves(mngr, step)
     results = evaluator(state["params"])
-    results.update(step=step, skipped_records=writer.skipped, **writer.throughput(), **writer.mixture())
+    results.update(step=step, skipped_records=writer.skipped, skipped_updates=int(skipped_updates),
+                   **writer.throughput(), **writer.mixture())
     writer.eval(step, results, final=True)
     if jax.process_index() == 0:
         from etils import epath
@@ -256,16 +341,37 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     try:
         train(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, FileNotFoundError) as e:
+    except StopWaitingForData as e:
+        print(f"jclip-train: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(128 + signal.SIGTERM)  # the data thread may be stuck in a read: do not wait for it
+    except (ValueError, FileNotFoundError, workdir_lock.WorkdirInUse) as e:
         if os.environ.get("JCLIP_DEBUG"):
             raise
         print(f"jclip-train: {e}  (JCLIP_DEBUG=1 shows the traceback)", file=sys.stderr)
         sys.exit(2)
 
 
+def parse_flags(argv):
+    """absl's flag parsing, with config overrides that name no field or do not fit it (which
+    ml_collections raises as KeyError/AttributeError/TypeError deep in the parser) reported in one line."""
+    try:
+        if _CONFIG_ERROR is not None:
+            raise _CONFIG_ERROR
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"jclip-train: {e}", file=sys.stderr)
+    except _CONFIG_OVERRIDE_ERRORS as e:
+        bad = [a for a in argv[1:] if a.startswith("--config.")]
+        detail = str(e).strip("'\"")
+        print(f"jclip-train: config override {' '.join(bad)}: no such field or a value that does not fit it "
+              f"({type(e).__name__}: {detail})", file=sys.stderr)
+    sys.exit(2)
+
+
 def run():
     """Console-script entry point (absl parses --config / --workdir / --config.key=value)."""
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

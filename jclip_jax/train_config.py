@@ -39,6 +39,7 @@ def base_config(model: ml_collections.ConfigDict, stage: int) -> ml_collections.
     c.micro_batches = 1  # > 1: GradCache, the same update as the whole batch at once
     c.peak_flops_per_device = None  # None: the device table, or a measured matmul on CPU
     c.max_replicated_fraction = 0.01  # with an fsdp axis > 1: fail above this share of replicated params
+    c.nonfinite = "stop"  # a NaN/Inf loss or gradient: "stop" the run (nothing saved) or "skip" the update
 
     c.init = ml_collections.ConfigDict()
     c.init.checkpoint = ml_collections.FieldReference(None, field_type=str)
@@ -114,11 +115,14 @@ def validate(config) -> None:
     policy = config.model.get("remat_policy", "nothing")
     if policy not in REMAT_POLICIES:
         raise ValueError(f"config.model.remat_policy={policy!r}; known: {sorted(REMAT_POLICIES)}")
+    if config.get("nonfinite", "stop") not in ("stop", "skip"):
+        raise ValueError(f"config.nonfinite={config.nonfinite!r} must be 'stop' or 'skip'")
     for name in ("image_max_length", "text_max_length"):
         if not 2 <= config.data[name] <= 8192:
             raise ValueError(f"config.data.{name}={config.data[name]!r} must lie in [2, 8192]")
-    lo, hi = config.data.crop_scale
-    if not 0 < lo <= hi <= 1:
+    scale = config.data.crop_scale
+    if (not isinstance(scale, (tuple, list)) or len(scale) != 2
+            or not all(isinstance(v, (int, float)) for v in scale) or not 0 < scale[0] <= scale[1] <= 1):
         raise ValueError(f"config.data.crop_scale={tuple(config.data.crop_scale)!r} must satisfy 0 < lo <= hi <= 1")
     tasks = losses.check_loss_config(config.loss)
     if ("text_pair" in tasks or "text_triplet" in tasks) and not config.data.text_dir:
@@ -141,13 +145,59 @@ def validate(config) -> None:
 
 
 def optim_for_run(config):
-    """config.optim with total_steps = config.total_steps (one source of truth for the run length)."""
+    """config.optim with total_steps = config.total_steps (one source of truth for the run length).
+
+    A warmup as long as the run or longer is clipped to a tenth of the run (`warmup_note` says so), so
+    `--config.total_steps=N` works for any N >= 1."""
     o = config.optim.copy_and_resolve_references()
     o.total_steps = config.total_steps
-    if o.warmup_steps >= o.total_steps:
-        raise ValueError(f"config.optim.warmup_steps={o.warmup_steps} must be < config.total_steps="
-                         f"{config.total_steps}")
+    if isinstance(o.warmup_steps, int) and isinstance(o.total_steps, int) and o.warmup_steps >= o.total_steps > 0:
+        o.warmup_steps = o.total_steps // 10
     return o
+
+
+def warmup_note(config) -> str | None:
+    """The note to print when optim_for_run clips the warmup, else None."""
+    clipped = optim_for_run(config).warmup_steps
+    if clipped != config.optim.warmup_steps:
+        return (f"config.optim.warmup_steps={config.optim.warmup_steps} is not below config.total_steps="
+                f"{config.total_steps}: warming up for {clipped} steps instead")
+    return None
+
+
+# Keys that may change when a run resumes from its workdir: run length and bookkeeping, execution options,
+# evaluation sets, and where the initial weights come from (unused once a checkpoint exists). The LR
+# schedule follows total_steps. Everything else under RESUME_REFUSED would make the restored state or the
+# data iterator's position meaningless; other keys are allowed and printed.
+RESUME_REFUSED = ("model.", "data.seed", "data.image_batch_size", "data.text_batch_size", "data.image_text_dir",
+                  "data.text_dir", "data.text_weights", "data.text_buckets", "loss.stage", "loss.tasks")
+RESUME_MODEL_SAFE = ("model.dtype", "model.remat", "model.text.hidden_dropout_prob", "model.vision.patch_dropout",
+                     "model.text.max_length", "model.logit_scale_init_value")
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(saved: dict, current) -> list[str]:
+    """Compare the config saved with a checkpoint (a JSON dict) with `current`; returns the allowed changes
+    as 'key: old -> new' lines, or raises ValueError naming every incompatible key in one line."""
+    import json
+
+    old, new = _flat(saved), _flat(json.loads(current.to_json_best_effort()))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    refused = [k for k in changed if k.startswith(RESUME_REFUSED) and k not in RESUME_MODEL_SAFE]
+    if refused:
+        raise ValueError("the workdir's checkpoint was written with another config; incompatible changes: " +
+                         ", ".join(f"config.{k} {old.get(k)!r} -> {new.get(k)!r}" for k in refused) +
+                         " (use a new --workdir, with --config.init.checkpoint=<this workdir> to start from it)")
+    return [f"config.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
 
 
 

@@ -194,6 +194,19 @@ def grad_cache(embed_fn: Callable, loss_fn: Callable, params, batch: dict, micro
 # ------------------------------------------------------------------------------------------- step
 
 
+def skip_if_nonfinite(loss, grad_norm, params, opt_state, state):
+    """Keep the old params and optimizer state when the loss, the gradient norm or the new params are not
+    finite: a NaN never reaches the state (nor a checkpoint). Returns (params, opt_state, int32 0/1 skipped).
+
+    optax.apply_if_finite does this for the updates alone, but changes the optimizer state's layout (and so
+    every checkpoint's) and does not see a NaN loss with finite gradients; hence this select.
+    """
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    return (jax.tree.map(keep, params, state["params"]), jax.tree.map(keep, opt_state, state["opt_state"]),
+            (~finite).astype(jnp.int32))
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_config, mesh, state_shardings, *,
                     micro_batches: int = 1, dropout: bool = True, schedule: optax.Schedule | None = None,
                     rules=sharding.DEFAULT_RULES, jit: bool = True):
@@ -201,7 +214,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_config, mes
 
     loss_config: losses.joint_loss's config (stage or tasks, implementation, tile_size, text_temperature,
     matryoshka_*); its batch_axes default to the mesh's batch axes. micro_batches > 1 uses GradCache.
-    metrics: 'loss', 'loss/<task>', 'logit_scale' (exp'd), 'grad_norm', and 'lr' if a schedule is given.
+    metrics: 'loss', 'loss/<task>', 'logit_scale' (exp'd), 'grad_norm', 'nonfinite' (1: this update was
+    skipped, see skip_if_nonfinite), and 'lr' if a schedule is given.
     """
     tasks = losses.check_loss_config(loss_config)
     if not isinstance(micro_batches, int) or micro_batches < 1:
@@ -240,7 +254,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_config, mes
         params = optax.apply_updates(params, updates)
         # open_clip clamps log(1/tau) to [0, ln 100] after every update.
         params["logit_scale"][...] = jnp.clip(params["logit_scale"][...], 0.0, losses.MAX_LOGIT_SCALE)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+        grad_norm = optax.tree.norm(grads)
+        params, opt_state, nonfinite = skip_if_nonfinite(loss, grad_norm, params, opt_state, state)
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, nonfinite=nonfinite)
         if schedule is not None:
             metrics["lr"] = schedule(state["step"])
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics

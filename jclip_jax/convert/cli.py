@@ -9,7 +9,8 @@
       Export a training workdir's latest (or step N) params to the jina-clip HF layout that
       JinaCLIP.from_pretrained (and jina-clip's PyTorch code) reads, with the run's tokenizer.
   jclip-convert check DIR
-      Load a jina-clip HF directory (config.json + model.safetensors) and print a summary.
+      Load a jina-clip HF directory (config.json + model.safetensors) and print a summary; fails naming
+      the tensors that hold NaN/Inf or are integers where the model has float parameters.
 
 Weight files: .safetensors is read with safetensors+numpy; .bin/.pt/.pth need torch (the `torch` extra).
 """
@@ -29,9 +30,9 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
     if not os.path.exists(path):
         raise SystemExit(f"jclip-convert: file not found: {path}")
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
+        from jclip_jax.convert.hf_layout import read_state_dict
 
-        return load_file(path)
+        return read_state_dict(path)
     if path.endswith((".bin", ".pt", ".pth")):
         try:
             import torch
@@ -94,11 +95,20 @@ def to_torch(args) -> dict:
 
 
 def check(args) -> dict:
+    """Loads the directory and refuses (one line) weights with NaN/Inf or integer tensors in float slots."""
     from jclip_jax import JinaCLIP
-    from jclip_jax.convert.hf_layout import flax_params
+    from jclip_jax.convert import hf_layout, torch_layout
 
+    hf_layout.read_config(args.directory)  # config.json first: its errors name the directory
+    weights = os.path.join(args.directory, hf_layout.WEIGHTS_FILE)
+    state_dict = hf_layout.read_state_dict(weights)
+    mapped = {k for k in state_dict if not k.startswith(torch_layout.IGNORED_KEY_PREFIXES)}  # all float slots
+    problems = hf_layout.tensor_problems(state_dict, mapped)
+    if problems:
+        raise ValueError(f"{weights}: {len(problems)} bad tensor(s): " + "; ".join(problems[:5]) +
+                         ("; ..." if len(problems) > 5 else ""))
     model = JinaCLIP.from_pretrained(args.directory)
-    params = flax_params(model)
+    params = hf_layout.flax_params(model)
     return {
         "directory": args.directory,
         "parameters": int(sum(np.prod(p.shape) for p in params.values())),

@@ -73,12 +73,49 @@ def config_to_hf(cfg) -> dict:
     return out
 
 
+# config.json fields and the JSON types they must have (bool is not an int here).
+FIELD_TYPES = {
+    "vocab_size": int, "hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int,
+    "intermediate_size": int, "type_vocab_size": int, "pad_token_id": int, "layer_norm_eps": float,
+    "hidden_dropout_prob": float, "image_size": int, "patch_size": int, "width": int, "layers": int,
+    "head_width": int, "mlp_ratio": float, "pt_hw_seq_len": int, "intp_freq": bool, "patch_dropout": float,
+    "add_projections": bool, "projection_dim": int, "logit_scale_init_value": float,
+}
+
+
+def check_field_types(hf: dict, source: str = CONFIG_FILE) -> None:
+    """Fail in one line naming the field and value when a config.json field has the wrong JSON type."""
+    tc, vc = hf.get("text_config") or {}, hf.get("vision_config") or {}
+    sections = [("", hf), ("vision_config.", vc),
+                ("text_config.hf_model_config_kwargs.", tc.get("hf_model_config_kwargs") or {})]
+    for where, d in sections:
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: {where.rstrip('.')} must be a JSON object, got {d!r:.80}")
+        for key, kind in FIELD_TYPES.items():
+            if key not in d or (where == "" and key not in ("add_projections", "projection_dim",
+                                                            "logit_scale_init_value")):
+                continue
+            value = d[key]
+            ok = (isinstance(value, bool) if kind is bool else
+                  isinstance(value, int) and not isinstance(value, bool) if kind is int else
+                  isinstance(value, (int, float)) and not isinstance(value, bool))
+            if not ok:
+                raise ValueError(f"{source}: {where}{key}={value!r} must be a JSON {kind.__name__}")
+    dims = hf.get("matryoshka_dimensions") or []
+    if not isinstance(dims, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        raise ValueError(f"{source}: matryoshka_dimensions={dims!r} must be a list of ints")
+
+
 def config_from_hf(hf: dict, source: str = CONFIG_FILE) -> ml_collections.ConfigDict:
     """jina-clip config.json dict -> our ConfigDict; unsupported variants fail naming the field."""
     def need(d, key, where):
         if key not in d:
             raise ValueError(f"{source}: missing field {where}{key}")
         return d[key]
+
+    if not isinstance(hf, dict):
+        raise ValueError(f"{source}: must hold a JSON object")
+    check_field_types(hf, source)
 
     tc, vc = need(hf, "text_config", ""), need(hf, "vision_config", "")
     name = tc.get("hf_model_name_or_path", JINA_BERT_NAME)
@@ -175,7 +212,25 @@ def read_config(directory) -> ml_collections.ConfigDict:
 def read_state_dict(path) -> dict[str, np.ndarray]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"weights file not found: {os.fspath(path)!r}")
-    return load_file(path)
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors' errors (truncated, bad header) do not name the file
+        raise ValueError(f"{os.fspath(path)}: not a readable safetensors file "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+
+
+def tensor_problems(state_dict: dict[str, np.ndarray], float_keys=None) -> list[str]:
+    """What `jclip-convert check` reports: tensors holding NaN/Inf, and integer tensors where the model
+    has float parameters (loading would cast them silently). `float_keys`: keys of float slots (None: all)."""
+    problems = []
+    for key, value in sorted(state_dict.items()):
+        if np.issubdtype(value.dtype, np.floating) or value.dtype.kind == "V":  # V: bfloat16 via ml_dtypes
+            bad = int(np.size(value) - np.count_nonzero(np.isfinite(value.astype(np.float32))))
+            if bad:
+                problems.append(f"{key} holds {bad} NaN/Inf of {np.size(value)} values")
+        elif float_keys is None or key in float_keys:
+            problems.append(f"{key} is {value.dtype} where the model has a float parameter")
+    return problems
 
 
 def load_tokenizer(directory):
@@ -190,6 +245,9 @@ def load_tokenizer(directory):
 
 def load_pretrained(model_cls, directory, **overrides):
     directory = os.fspath(directory)
+    if os.path.isfile(directory):
+        raise ValueError(f"from_pretrained takes a directory ({CONFIG_FILE} + {WEIGHTS_FILE}), not the file "
+                         f"{directory!r}; pass {os.path.dirname(directory) or '.'!r}")
     cfg = read_config(directory)
     for k, v in overrides.items():
         if k not in ("dtype", "param_dtype", "remat", "scan_layers"):

@@ -129,6 +129,11 @@ class ImageTextTransform(grain.transforms.RandomMap):
         return out
 
 
+# Records in a row that may fail to decode before a batch gives up: 0.95 ** 1000 ~ 5e-23, so only a dataset that
+# is (almost) entirely undecodable stops the run, with a message, instead of spinning forever.
+MAX_CONSECUTIVE_FAILURES = 1000
+
+
 class _BatchDroppingFailures(grain.IterDataset):
     """Stacks `batch_size` good elements, skipping DecodeFailures and counting them in the batch; images are
     normalised into the float32 batch here.
@@ -138,9 +143,11 @@ class _BatchDroppingFailures(grain.IterDataset):
     """
 
     def __init__(self, parent: grain.IterDataset, batch_size: int, drop_remainder: bool = True,
-                 num_sources: int = 0):
+                 num_sources: int = 0, what: str = "image_text data",
+                 max_consecutive_failures: int = MAX_CONSECUTIVE_FAILURES):
         super().__init__(parent)
         self.batch_size, self.drop_remainder, self.num_sources = batch_size, drop_remainder, num_sources
+        self.what, self.max_consecutive_failures = what, max_consecutive_failures
         self.shared_memory = False
 
     def enable_shared_memory_output(self) -> None:
@@ -150,18 +157,21 @@ class _BatchDroppingFailures(grain.IterDataset):
 
     def __iter__(self):
         return _BatchDroppingFailuresIterator(self._parent.__iter__(), self.batch_size, self.drop_remainder,
-                                              self.shared_memory, self.num_sources)
+                                              self.shared_memory, self.num_sources, self.what,
+                                              self.max_consecutive_failures)
 
 
 class _BatchDroppingFailuresIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, batch_size: int, drop_remainder: bool,
-                 shared_memory: bool, num_sources: int = 0):
+                 shared_memory: bool, num_sources: int = 0, what: str = "image_text data",
+                 max_consecutive_failures: int = MAX_CONSECUTIVE_FAILURES):
         super().__init__(parent)
         self.batch_size, self.drop_remainder, self.shared_memory = batch_size, drop_remainder, shared_memory
         self.num_sources = num_sources
+        self.what, self.max_consecutive_failures = what, max_consecutive_failures
 
     def __next__(self) -> dict:
-        items, failures = [], 0
+        items, failures, in_a_row = [], 0, 0
         while len(items) < self.batch_size:
             try:
                 element = next(self._parent)
@@ -171,8 +181,15 @@ class _BatchDroppingFailuresIterator(grain.DatasetIterator):
                 break
             if isinstance(element, DecodeFailure):
                 failures += 1
+                in_a_row += 1
+                if in_a_row >= self.max_consecutive_failures:  # an all-bad dataset must not spin forever
+                    raise ValueError(
+                        f"{self.what}: the last {in_a_row} records all failed to decode (this batch: {len(items)} "
+                        f"of {self.batch_size} filled, {failures} failed; last error: "
+                        f"{(element.reason.splitlines() or [''])[0]:.160})")
             else:
                 items.append(element)
+                in_a_row = 0
         shape = (len(items), *items[0]["image"].shape)
         if self.shared_memory:
             image = grain.multiprocessing.SharedMemoryArray(shape, np.float32)
@@ -300,7 +317,8 @@ def image_text_dataset(config: DataConfig, share: tuple[int, int] | None = None,
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                               prefetch_buffer_size=2 * batch_size))
     return _BatchDroppingFailures(ds, batch_size, drop_remainder=repeat,
-                                  num_sources=len(config.image_text_mixture))
+                                  num_sources=len(config.image_text_mixture),
+                                  what=f"image_text data {config.image_text_dir!r}")
 
 
 # ------------------------------------------------------------------------------------------------- text

@@ -1,0 +1,159 @@
+"""Every bad config fails in one line naming the key and value, before the model is built or data is read;
+short runs work; bad weight directories (config.json types, truncated safetensors, NaN / int64 tensors)
+are named by `from_pretrained` and `jclip-convert check`."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from jclip_jax import JinaCLIP, optim, train, train_config
+from jclip_jax.convert import cli
+from jclip_jax.data import records, synthetic
+from jclip_jax.models import configs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "configs", "demo.py")
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    synthetic.write_synthetic(root, num_train=32, num_eval=16, num_text_pairs=32, num_triplets=16, image_size=32)
+    return str(root)
+
+
+def demo_config(synthetic_dir):
+    spec = importlib.util.spec_from_file_location("demo_config", DEMO)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.data.synthetic_dir = synthetic_dir
+    return config
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+    """Fail the test if training gets as far as building the model or reading a batch."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model was built / data was read before the config error")
+
+    monkeypatch.setattr(train.train_step, "create_train_state", forbidden)
+    monkeypatch.setattr(train.pipeline, "train_iterator", forbidden)
+
+
+def test_unknown_key_and_bad_override_are_one_line(tmp_path):
+    base = [sys.executable, "-m", "jclip_jax.train", f"--workdir={tmp_path}"]
+    for args, wanted in ((["--config.foo=1"], "config override --config.foo=1: no such field"),  # default config
+                         ([f"--config={DEMO}", "--config.data.fooo=2"], "--config.data.fooo=2: no such field"),
+                         ([f"--config={DEMO}", "--config.total_steps=abc"], "--config.total_steps=abc")):
+        out = subprocess.run(base + args, capture_output=True, text=True, cwd=REPO)
+        assert out.returncode == 2, out.stderr[-2000:]
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and wanted in lines[0], out.stderr[-2000:]
+
+
+def test_stage3_on_a_text_pairs_directory(synthetic_dir, tmp_path, no_compute):
+    config = demo_config(synthetic_dir)
+    config.loss.stage = 3
+    config.data.text_dir = os.path.join(synthetic_dir, "text_pairs")
+    with pytest.raises(ValueError, match=r"config.data.text_dir='.*text_pairs' holds 'text_pair' records; this run "
+                                         r"needs 'triplet' records there \(config.loss.stage=3\)"):
+        train.train(config, str(tmp_path))
+
+
+def test_batch_not_divisible_by_the_batch_devices(synthetic_dir, tmp_path, no_compute):
+    config = demo_config(synthetic_dir)
+    config.data.image_batch_size = 12  # the demo mesh splits the batch over 8 devices
+    with pytest.raises(ValueError, match=r"config.data.image_batch_size=12 is not divisible by 8: the batch is split "
+                                         r"over the mesh axes data=8 and config.micro_batches=1"):
+        train.train(config, str(tmp_path))
+    config.data.image_batch_size, config.data.text_batch_size, config.micro_batches = 16, 24, 2
+    with pytest.raises(ValueError, match=r"config.data.text_batch_size=24 is not divisible by 16"):
+        train.train(config, str(tmp_path))
+
+
+def test_prepared_dataset_with_no_records(synthetic_dir, tmp_path, no_compute):
+    with records.RecordWriter(tmp_path / "empty", "image_text"):
+        pass
+    config = demo_config(synthetic_dir)
+    config.data.image_text_dir = str(tmp_path / "empty")
+    with pytest.raises(ValueError, match=r"config.data.image_text_dir='.*empty' holds no records"):
+        train.train(config, str(tmp_path / "work"))
+
+
+def test_short_runs_clip_the_warmup(synthetic_dir):
+    for steps in (1, 7, 40, 51):
+        config = train.with_synthetic_paths(demo_config(synthetic_dir))
+        config.total_steps = steps
+        train_config.validate(config)  # the demo's warmup (50) no longer rejects short runs
+        run = train_config.optim_for_run(config)
+        assert run.total_steps == steps and run.warmup_steps == (steps // 10 if steps <= 50 else 50)
+        note = train_config.warmup_note(config)
+        assert (note is None) == (steps > 50)
+        schedule = optim.learning_rate_schedule(run)
+        lrs = [float(schedule(s)) for s in range(steps)]
+        assert all(np.isfinite(lrs)) and max(lrs) <= config.optim.peak_lr * (1 + 1e-6)
+        if steps == 40:
+            assert note == ("config.optim.warmup_steps=50 is not below config.total_steps=40: warming up for 4 "
+                            "steps instead")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf") / "model"
+    JinaCLIP(configs.tiny(), rngs=nnx.Rngs(0)).save_pretrained(path)
+    return path
+
+
+def copy_hf(hf_dir, tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    for name in os.listdir(hf_dir):
+        (out / name).write_bytes((hf_dir / name).read_bytes())
+    return out
+
+
+def test_config_json_with_a_wrong_type(hf_dir, tmp_path):
+    path = copy_hf(hf_dir, tmp_path)
+    hf = json.loads((path / "config.json").read_text())
+    hf["vision_config"]["width"] = "64"
+    (path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=r"config.json: vision_config.width='64' must be a JSON int"):
+        JinaCLIP.from_pretrained(path)
+    hf["vision_config"]["width"] = 64
+    hf["text_config"]["hf_model_config_kwargs"]["layer_norm_eps"] = None
+    (path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=r"hf_model_config_kwargs.layer_norm_eps=None must be a JSON float"):
+        JinaCLIP.from_pretrained(path)
+
+
+def test_truncated_safetensors_names_the_file(hf_dir, tmp_path):
+    path = copy_hf(hf_dir, tmp_path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"{weights}: not a readable safetensors file"):
+        JinaCLIP.from_pretrained(path)
+    with pytest.raises(ValueError, match=r"takes a directory .* not the file"):
+        JinaCLIP.from_pretrained(weights)
+
+
+def test_convert_check_reports_nan_and_integer_tensors(hf_dir, tmp_path, capsys):
+    assert cli.main(["check", str(hf_dir)]) == 0
+    path = copy_hf(hf_dir, tmp_path)
+    sd = load_file(path / "model.safetensors")
+    nan_key, int_key = "logit_scale", sorted(k for k in sd if k.endswith("weight"))[0]
+    sd[nan_key] = np.full(sd[nan_key].shape, np.nan, np.float32)
+    sd[int_key] = np.ones(sd[int_key].shape, np.int64)
+    save_file(sd, path / "model.safetensors")
+    capsys.readouterr()
+    assert cli.main(["check", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "2 bad tensor(s)" in err
+    assert f"{nan_key} holds 1 NaN/Inf of 1 values" in err and f"{int_key} is int64 where the model has a float" in err
