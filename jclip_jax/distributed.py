@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import time
 
 import jax
 from absl import logging
@@ -96,3 +98,17 @@ class Preemption:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+
+
+def exit_after_lost_peer(error: Exception) -> None:
+    """A collective failed in a multi-process run (a peer process died and its connections broke): wait for
+    the distributed runtime's heartbeat check, which stops this process with an error naming the unhealthy
+    (lost) process, and exit non-zero in any case once that time has passed. Never returns."""
+    timeout = _env_int(HEARTBEAT_TIMEOUT_ENV) or 100
+    print(f"jclip-train: process {jax.process_index()} of {jax.process_count()}: a collective failed "
+          f"({str(error).splitlines()[0][:300]}); waiting up to {timeout} s for the distributed runtime to name "
+          "the lost process", file=sys.stderr, flush=True)
+    time.sleep(timeout + 10)
+    print(f"jclip-train: process {jax.process_index()}: lost a peer process (the distributed runtime did not "
+          "say which)", file=sys.stderr, flush=True)
+    os._exit(1)  # other threads may be blocked in collectives; a clean interpreter exit would wait on them

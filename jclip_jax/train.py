@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 
 import jax
@@ -22,7 +21,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from jclip_jax import checkpoints, flops, losses, optim, sharding, train_config, train_step
+from jclip_jax import checkpoints, distributed, flops, losses, optim, sharding, train_config, train_step
 from jclip_jax.convert import hf_layout
 from jclip_jax.data import pipeline
 from jclip_jax.models.clip import JinaCLIP
@@ -37,39 +36,18 @@ _CONFIG = config_flags.DEFINE_config_file("config", DEMO_CONFIG, "Training confi
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Checkpoints, TensorBoard events and eval.json.")
 
 
-class Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step (save, then exit cleanly)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def close(self):
-        signal.signal(signal.SIGTERM, self._previous)
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM: saving a checkpoint and exiting")
-        self.requested = True
-
-
-def maybe_initialize_distributed() -> None:
-    """jax.distributed.initialize() on multi-host runs (Cloud TPU pods, SLURM, or explicit coordinator)."""
-    multi_host = ("JAX_COORDINATOR_ADDRESS" in os.environ or "SLURM_NTASKS" in os.environ
-                  or len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1)
-    if multi_host:
-        jax.distributed.initialize()
-
-
 def prepare_synthetic_if_absent(config) -> None:
     """The demo's embedded dataset: written once under config.data.synthetic_dir."""
     from jclip_jax.data import synthetic
 
     root = config.data.synthetic_dir
-    if os.path.exists(os.path.join(root, "tokenizer.json")):
-        return
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and not os.path.exists(os.path.join(root, "tokenizer.json")):
         print(f"preparing the synthetic dataset in {root} ...", flush=True)
         synthetic.write_synthetic(root, image_size=config.model.vision.image_size)
+    if jax.process_count() > 1:  # the other processes read it only once process 0 has written it
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jclip-train: synthetic dataset written")
 
 
 def with_synthetic_paths(config):
@@ -165,7 +143,7 @@ def train(config, workdir: str) -> dict:
     if config.data.synthetic_dir:
         config = with_synthetic_paths(config)
     train_config.validate(config)  # before any compute
-    maybe_initialize_distributed()
+    distributed.initialize()  # several processes (hosts): before any backend use
     if config.data.synthetic_dir:
         prepare_synthetic_if_absent(config)
     check_paths_exist(config)
@@ -193,7 +171,9 @@ def train(config, workdir: str) -> dict:
             state = load_initial_params(state, shardings, params, tx)
         start = 0
     logging.info("starting at step %d from %s", start, origin)
-    print(f"jclip-train: {origin}; steps {start} -> {config.total_steps} on mesh {dict(mesh.shape)}", flush=True)
+    if jax.process_index() == 0:
+        print(f"jclip-train: {origin}; steps {start} -> {config.total_steps} on mesh {dict(mesh.shape)}"
+              + (f" over {jax.process_count()} processes" if jax.process_count() > 1 else ""), flush=True)
 
     step_fn = train_step.make_train_step(graphdef, tx, config.loss, mesh, shardings,
                                          micro_batches=config.micro_batches, schedule=schedule)
@@ -206,7 +186,7 @@ def train(config, workdir: str) -> dict:
     peak, peak_source = flops.peak_flops_per_device(config.peak_flops_per_device)
     writer = MetricsWriter(workdir, config.total_steps, start, flops_per_step, pairs_per_step,
                            peak * jax.device_count(), peak_source)
-    preemption = Preemption()
+    preemption = distributed.Preemption()
     base_rng = jax.random.key(config.seed)
 
     step = start
@@ -219,12 +199,14 @@ def train(config, workdir: str) -> dict:
         writer.step(step, metrics, log=step % config.log_every == 0 or step == config.total_steps)
         if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
             writer.eval(step, evaluator(state["params"]))
-        if step % config.checkpoint_every == 0 or step == config.total_steps or preemption.requested:
-            checkpoints.save(mngr, step, state, data_iterator, config, force=preemption.requested)
-        if preemption.requested:
+        preempted = preemption.reached(step)  # every process, every step: the same answer on all
+        if step % config.checkpoint_every == 0 or step == config.total_steps or preempted:
+            checkpoints.save(mngr, step, state, data_iterator, config, force=preempted)
+        if preempted:
             mngr.wait_until_finished()
             writer.close()
-            print(f"jclip-train: preempted; checkpoint saved at step {step}", flush=True)
+            print(f"jclip-train: preempted; checkpoint saved at step {step}"
+                  + (f" (process {jax.process_index()})" if jax.process_count() > 1 else ""), flush=True)
             sys.exit(0)
 
     results = evaluator(state["params"])
@@ -251,6 +233,10 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     try:
         train(_CONFIG.value, _WORKDIR.value)
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() > 1:  # most often a dead peer: let the distributed runtime name it
+            distributed.exit_after_lost_peer(e)
+        raise
     except (ValueError, FileNotFoundError) as e:
         if os.environ.get("JCLIP_DEBUG"):
             raise
