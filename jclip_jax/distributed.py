@@ -112,3 +112,23 @@ def exit_after_lost_peer(error: Exception) -> None:
     print(f"jclip-train: process {jax.process_index()}: lost a peer process (the distributed runtime did not "
           "say which)", file=sys.stderr, flush=True)
     os._exit(1)  # other threads may be blocked in collectives; a clean interpreter exit would wait on them
+
+
+class CompiledTogether:
+    """A jitted function that, in a multi-process run, compiles on its first call in every process and then
+    waits at a barrier of the distributed runtime (a key-value barrier, no collective) before it runs.
+
+    Why: XLA's gloo CPU collectives give the processes 30 s (fixed) to join a program's first collective,
+    and compile times of one program differ by more than that between processes on a loaded machine. Later
+    calls run the compiled program directly (same shapes and shardings as the first).
+    """
+
+    def __init__(self, jitted, name: str, timeout_s: int = 3600):
+        self.jitted, self.name, self.timeout_s = jitted, name, timeout_s
+        self._compiled = None
+
+    def __call__(self, *args):
+        if self._compiled is None:
+            self._compiled = self.jitted.lower(*args).compile()
+            jax.distributed.global_state.client.wait_at_barrier(f"jclip:{self.name}:compiled", self.timeout_s * 1000)
+        return self._compiled(*args)
