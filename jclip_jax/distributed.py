@@ -130,5 +130,7 @@ class CompiledTogether:
     def __call__(self, *args):
         if self._compiled is None:
             self._compiled = self.jitted.lower(*args).compile()
-            jax.distributed.global_state.client.wait_at_barrier(f"jclip:{self.name}:compiled", self.timeout_s * 1000)
+            from jax._src import distributed as jax_distributed  # the client has no public handle (orbax does this)
+
+            jax_distributed.global_state.client.wait_at_barrier(f"jclip:{self.name}:compiled", self.timeout_s * 1000)
         return self._compiled(*args)
