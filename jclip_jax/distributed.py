@@ -115,22 +115,28 @@ def exit_after_lost_peer(error: Exception) -> None:
 
 
 class CompiledTogether:
-    """A jitted function that, in a multi-process run, compiles on its first call in every process and then
-    waits at a barrier of the distributed runtime (a key-value barrier, no collective) before it runs.
+    """A jitted function that, in a multi-process run, compiles for each new argument signature in every
+    process and then waits at a barrier of the distributed runtime (key-value, no collective) before it runs.
+    In one process it is the jitted function itself.
 
     Why: XLA's gloo CPU collectives give the processes 30 s (fixed) to join a program's first collective,
-    and compile times of one program differ by more than that between processes on a loaded machine. Later
-    calls run the compiled program directly (same shapes and shardings as the first).
+    and compile times of one program differ by more than that between processes on a loaded machine.
     """
 
     def __init__(self, jitted, name: str, timeout_s: int = 3600):
         self.jitted, self.name, self.timeout_s = jitted, name, timeout_s
-        self._compiled = None
+        self._compiled = {}
 
     def __call__(self, *args):
-        if self._compiled is None:
-            self._compiled = self.jitted.lower(*args).compile()
+        if jax.process_count() == 1:
+            return self.jitted(*args)
+        leaves, treedef = jax.tree.flatten(args)
+        signature = (treedef, tuple((getattr(x, "shape", ()), str(getattr(x, "dtype", type(x)))) for x in leaves))
+        compiled = self._compiled.get(signature)
+        if compiled is None:
+            compiled = self._compiled[signature] = self.jitted.lower(*args).compile()
             from jax._src import distributed as jax_distributed  # the client has no public handle (orbax does this)
 
-            jax_distributed.global_state.client.wait_at_barrier(f"jclip:{self.name}:compiled", self.timeout_s * 1000)
-        return self._compiled(*args)
+            barrier = f"jclip:{self.name}:{len(self._compiled)}:compiled"
+            jax_distributed.global_state.client.wait_at_barrier(barrier, self.timeout_s * 1000)
+        return compiled(*args)

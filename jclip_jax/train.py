@@ -177,8 +177,7 @@ def train(config, workdir: str) -> dict:
 
     step_fn = train_step.make_train_step(graphdef, tx, config.loss, mesh, shardings,
                                          micro_batches=config.micro_batches, schedule=schedule)
-    if jax.process_count() > 1:  # every process compiled before any runs (see distributed.CompiledTogether)
-        step_fn = distributed.CompiledTogether(step_fn, "train_step")
+    step_fn = distributed.CompiledTogether(step_fn, "train_step")  # several processes: compiled by all, then run
     evaluator = RetrievalEvaluator(config, graphdef)
     pairs_per_step = config.data.image_batch_size + (config.data.text_batch_size if config.data.text_dir else 0)
     flops_per_step = flops.train_step_flops(

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jclip_jax import encode, evaluate
+from jclip_jax import distributed, encode, evaluate
 from jclip_jax.data import pipeline, records
 from jclip_jax.tokenizer import TextTokenizer
 
@@ -47,7 +47,9 @@ class RetrievalEvaluator:
         def image_features(params, pixels):
             return nnx.merge(graphdef, params).image_features(pixels)
 
-        self._text, self._image = text_features, image_features
+        # several processes: each program compiled everywhere before it runs (distributed.CompiledTogether)
+        self._text = distributed.CompiledTogether(text_features, "eval_text_features")
+        self._image = distributed.CompiledTogether(image_features, "eval_image_features")
 
     def _embed(self, fn, params, x: np.ndarray, pad_id: int | None = None) -> np.ndarray:
         """Fixed-size batches (one compile), padded rows dropped; L2-normalised float32 (N, D)."""
