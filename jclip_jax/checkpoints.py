@@ -74,6 +74,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict, shardi
             {"opt_state": shardings["opt_state"], "step": shardings["step"]})),
     )
     if data_iterator is not None:
+        check_data_state_processes(mngr, step)
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     has_digest = _has_item(mngr.directory, step, "digest")
     if has_digest:
@@ -204,6 +205,26 @@ def verify(tree, saved: dict | None, where: str) -> None:
     for path, (_, finite) in got.items():
         if not finite:
             raise CheckpointCorrupt(f"{where}: {path} holds NaN or Inf")
+def check_data_state_processes(mngr: ocp.CheckpointManager, step: int) -> None:
+    """A one-line error unless `step`'s data-iterator state was saved by as many processes as this run has.
+
+    grain saves one iterator state per process (data/process_<i>-of-<n>.json): positions in that process's
+    rows, which drift apart once a process replaces undecodable records, so they are not re-split here.
+    Params and optimizer state restore into any process count and mesh.
+    """
+    import re
+
+    from etils import epath
+
+    names = [p.name for p in (epath.Path(mngr.directory) / str(step) / "data").glob("process_*-of-*.json")]
+    counts = {int(m.group(1)) for m in (re.fullmatch(r"process_\d+-of-(\d+)\.json", n) for n in names) if m}
+    if counts and counts != {jax.process_count()}:
+        saved = ", ".join(map(str, sorted(counts)))
+        raise ValueError(
+            f"checkpoint {step} in {mngr.directory} holds the data-iterator state of {saved} process(es); this "
+            f"run has {jax.process_count()}: resuming with another process count is not supported (grain's "
+            f"per-process iterator state cannot be re-split). Resume with {saved} process(es), or start a new "
+            f"workdir from its weights with --config.init.checkpoint")
 
 
 def latest_step(workdir: str) -> int | None:
@@ -219,7 +240,10 @@ def restore_params(workdir: str, abstract_params, shardings=None, step: int | No
     step = latest_step(workdir) if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')!r}")
-    target = abstract_params if shardings is None else abstract_with_shardings(abstract_params, shardings)
+    if shardings is None:  # the saved shardings name the saving run's devices, absent under another process count
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract_params)
+    target = abstract_with_shardings(abstract_params, shardings)
     with ocp.CheckpointManager(_checkpoint_dir(workdir)) as mngr:
         items = dict(params=ocp.args.StandardRestore(target))
         has_digest = _has_item(mngr.directory, step, "digest")

@@ -24,7 +24,18 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from jclip_jax import checkpoints, flops, losses, optim, preflight, sharding, train_config, train_step, workdir_lock
+from jclip_jax import (
+    checkpoints,
+    distributed,
+    flops,
+    losses,
+    optim,
+    preflight,
+    sharding,
+    train_config,
+    train_step,
+    workdir_lock,
+)
 from jclip_jax.convert import hf_layout
 from jclip_jax.data import pipeline
 from jclip_jax.evals.train_eval import Evaluator
@@ -44,39 +55,18 @@ except _CONFIG_OVERRIDE_ERRORS as e:  # reported in one line by parse_flags
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Checkpoints, TensorBoard events and eval.json.")
 
 
-class Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step (save, then exit cleanly)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def close(self):
-        signal.signal(signal.SIGTERM, self._previous)
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM: saving a checkpoint and exiting")
-        self.requested = True
-
-
-def maybe_initialize_distributed() -> None:
-    """jax.distributed.initialize() on multi-host runs (Cloud TPU pods, SLURM, or explicit coordinator)."""
-    multi_host = ("JAX_COORDINATOR_ADDRESS" in os.environ or "SLURM_NTASKS" in os.environ
-                  or len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1)
-    if multi_host:
-        jax.distributed.initialize()
-
-
 def prepare_synthetic_if_absent(config) -> None:
     """The demo's embedded dataset: written once under config.data.synthetic_dir."""
     from jclip_jax.data import synthetic
 
     root = config.data.synthetic_dir
-    if os.path.exists(os.path.join(root, "tokenizer.json")):
-        return
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and not os.path.exists(os.path.join(root, "tokenizer.json")):
         print(f"preparing the synthetic dataset in {root} ...", flush=True)
         synthetic.write_synthetic(root, image_size=config.model.vision.image_size)
+    if jax.process_count() > 1:  # the other processes read it only once process 0 has written it
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jclip-train: synthetic dataset written")
 
 
 def with_synthetic_paths(config):
@@ -221,7 +211,7 @@ def _train(config, workdir: str, cleanup: contextlib.ExitStack) -> dict:
     if config.data.synthetic_dir:
         config = with_synthetic_paths(config)
     train_config.validate(config)  # before any compute
-    maybe_initialize_distributed()
+    distributed.initialize()  # several processes (hosts): before any backend use
     cleanup.enter_context(workdir_lock.hold(workdir, jax.process_index()))
     if config.data.synthetic_dir:
         prepare_synthetic_if_absent(config)
@@ -259,10 +249,13 @@ def _train(config, workdir: str, cleanup: contextlib.ExitStack) -> dict:
             state = load_initial_params(state, shardings, params, tx)
         start = 0
     logging.info("starting at step %d from %s", start, origin)
-    print(f"jclip-train: {origin}; steps {start} -> {config.total_steps} on mesh {dict(mesh.shape)}", flush=True)
+    if jax.process_index() == 0:
+        print(f"jclip-train: {origin}; steps {start} -> {config.total_steps} on mesh {dict(mesh.shape)}"
+              + (f" over {jax.process_count()} processes" if jax.process_count() > 1 else ""), flush=True)
 
     step_fn = train_step.make_train_step(graphdef, tx, config.loss, mesh, shardings,
                                          micro_batches=config.micro_batches, schedule=schedule)
+    step_fn = distributed.CompiledTogether(step_fn, "train_step")  # several processes: compiled by all, then run
     evaluator = Evaluator(config, graphdef, mesh, batch_axes)
     pairs_per_step = config.data.image_batch_size + (config.data.text_batch_size if config.data.text_dir else 0)
     flops_per_step = flops.train_step_flops(
@@ -273,7 +266,7 @@ def _train(config, workdir: str, cleanup: contextlib.ExitStack) -> dict:
     writer = MetricsWriter(workdir, config.total_steps, start, flops_per_step, pairs_per_step,
                            peak * jax.device_count(), peak_source)
     writer.mixture_names = pipeline.image_text_source_names(data_config)
-    preemption = Preemption()
+    preemption = distributed.Preemption()
     base_rng = jax.random.key(config.seed)
 
     step = start
@@ -292,7 +285,8 @@ def _train(config, workdir: str, cleanup: contextlib.ExitStack) -> dict:
         skipped_updates = skipped_updates + metrics["nonfinite"]
         metrics = dict(metrics, skipped_updates=skipped_updates)
         log = step % config.log_every == 0 or step == config.total_steps
-        save = step % config.checkpoint_every == 0 or step == config.total_steps or preemption.requested
+        preempted = preemption.reached(step)  # every process, every step: the same answer on all
+        save = step % config.checkpoint_every == 0 or step == config.total_steps or preempted
         if (log or save) and config.nonfinite == "stop" and int(skipped_updates):
             mngr.wait_until_finished()  # the earlier checkpoints are complete when we say so
             raise StopTraining(
@@ -304,14 +298,15 @@ def _train(config, workdir: str, cleanup: contextlib.ExitStack) -> dict:
             writer.eval(step, evaluator(state["params"]))
         if save:
             try:
-                checkpoints.save(mngr, step, state, data_iterator, config, force=preemption.requested)
+                checkpoints.save(mngr, step, state, data_iterator, config, force=preempted)
             except Exception as e:  # e.g. a full disk when the save starts
                 raise StopTraining(f"saving the checkpoint of step {step} failed ({checkpoints.one_line(e)}); "
                                    f"the newest complete checkpoint is step {mngr.latest_step()}") from e
-        if preemption.requested:
+        if preempted:
             mngr.wait_until_finished()
             writer.close()
-            print(f"jclip-train: preempted; checkpoint saved at step {step}", flush=True)
+            print(f"jclip-train: preempted; checkpoint saved at step {step}"
+                  + (f" (process {jax.process_index()})" if jax.process_count() > 1 else ""), flush=True)
             sys.exit(0)
 
     mngr.wait_until_finished()
@@ -345,6 +340,10 @@ def main(argv):
         print(f"jclip-train: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(128 + signal.SIGTERM)  # the data thread may be stuck in a read: do not wait for it
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() > 1:  # most often a dead peer: let the distributed runtime name it
+            distributed.exit_after_lost_peer(e)
+        raise
     except (ValueError, FileNotFoundError, workdir_lock.WorkdirInUse) as e:
         if os.environ.get("JCLIP_DEBUG"):
             raise

@@ -79,7 +79,8 @@ class MetricsWriter:
         values["step_seconds"] = seconds
         values.update(self.mixture())
         self.bar.set_postfix({k: f"{values[k]:.3g}" for k in ("loss", "temperature", "pairs_per_s", "mfu")})
-        self.bar.write(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())))
+        if self.is_main:  # one host prints for the run
+            self.bar.write(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())))
         self._write(step, values)
 
     def throughput(self) -> dict:

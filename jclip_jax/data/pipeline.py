@@ -1,8 +1,10 @@
 """grain input pipeline: per-process, checkpointable batches of image-caption pairs and text pairs/triplets.
 
-Every batch is a pure function of (seed, process share, step): the datasets are grain `MapDataset`s
-(random access, shuffled per epoch, repeated forever) so an iterator's state is a few indices and a resumed
-pipeline yields exactly the batches an uninterrupted one would.
+Every batch is a pure function of (seed, step): the datasets are grain `MapDataset`s (random access,
+shuffled per epoch, repeated forever) so an iterator's state is a few indices and a resumed pipeline yields
+exactly the batches an uninterrupted one would. Every process reads its rows of the same global batches
+(`ProcessRows`), so the global batch at a step is the same for any process count (while no image fails to
+decode: a process fills a dropped record's place from its own next rows).
 
     it = train_iterator(config)                  # grain DatasetIterator, one per process
     batch = next(it)                             # {"image_text": {...}, "text": {...}}, local numpy
@@ -222,11 +224,40 @@ def _image_text_source(location: str, tfds_data_dir: str | None):
     return grain.sources.ArrayRecordDataSource(paths)
 
 
-def _process_slice(ds: grain.MapDataset, share: tuple[int, int], what: str) -> grain.MapDataset:
-    index, count = share
-    if len(ds) < count:
-        raise ValueError(f"{what} has {len(ds)} records, fewer than the {count} processes reading it")
-    return ds[index::count]
+class ProcessRows(grain.MapDataset):
+    """Process `index`'s rows of every global batch: local element i is global element
+    (i // b) * b * count + index * b + i % b, with b the local batch size.
+
+    Every process reads the same globally shuffled (and augmented: random_map seeds by global index) stream,
+    so the rows of all processes at step k, stacked in process order, are the single-process batch k: the
+    global batch does not depend on the process count. (grain's ShardByJaxProcess slices the records
+    instead, which gives every process count its own batches.) The tail of a finite stream is split the
+    same way: the last global batch may leave later processes fewer rows or none.
+    """
+
+    def __init__(self, parent: grain.MapDataset, local_batch: int, share: tuple[int, int]):
+        super().__init__(parent)
+        self.local_batch, (self.index, self.count) = local_batch, share
+        full, rest = divmod(len(parent), local_batch * self.count)
+        self._length = full * local_batch + min(local_batch, max(0, rest - self.index * local_batch))
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _global_index(self, i: int) -> int:
+        b = self.local_batch
+        return (i // b) * b * self.count + self.index * b + i % b
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._global_index(index)]
+
+    def _getitems(self, indices):
+        return self._parent._getitems([self._global_index(i) for i in indices])
+
+    def __str__(self) -> str:
+        return f"ProcessRows(local_batch={self.local_batch}, share={self.index}/{self.count})"
 
 
 class StratifiedSelectionMap(grain.transforms.DatasetSelectionMap):
@@ -303,17 +334,18 @@ def image_text_dataset(config: DataConfig, share: tuple[int, int] | None = None,
         per_source = []
         for i, (location, _) in enumerate(config.image_text_mixture):
             ds = grain.MapDataset.source(_image_text_source(location, config.tfds_data_dir))
-            ds = _process_slice(ds, share, location).seed(config.seed + 104_729 * (i + 1))
+            ds = ds.seed(config.seed + 104_729 * (i + 1))
             per_source.append(ds.shuffle().repeat().map(_Tagged(i)))
         selection = StratifiedSelectionMap([w for _, w in config.image_text_mixture], config.seed)
         ds = grain.MapDataset.select_from_datasets(per_source, selection).seed(config.seed)
     else:
         ds = grain.MapDataset.source(_image_text_source(config.image_text_dir, config.tfds_data_dir))
-        ds = _process_slice(ds, share, config.image_text_dir).seed(config.seed)
+        ds = ds.seed(config.seed)
         if repeat:
             ds = ds.shuffle().repeat()  # shuffle before repeat: a new order every epoch
     ds = ds.random_map(ImageTextTransform(config.tokenizer_path, config.image_max_length, config.image_size,
                                           config.random_crop, config.crop_scale, config.crop_ratio))
+    ds = ProcessRows(ds, batch_size, share)  # after random_map: augmentation seeded by global index
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                               prefetch_buffer_size=2 * batch_size))
     return _BatchDroppingFailures(ds, batch_size, drop_remainder=repeat,
@@ -417,8 +449,8 @@ def text_dataset(config: DataConfig, share: tuple[int, int] | None = None) -> gr
     per_dataset = []
     for i, name in enumerate(names):
         ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(manifest["datasets"][name]["paths"]))
-        ds = _process_slice(ds, share, f"{config.text_dir}/{name}").seed(config.seed + 7919 * (i + 1))
-        ds = ds.shuffle().repeat().batch(batch_size, drop_remainder=True, batch_fn=list)
+        ds = ds.seed(config.seed + 7919 * (i + 1)).shuffle().repeat()
+        ds = ProcessRows(ds, batch_size, share).batch(batch_size, drop_remainder=True, batch_fn=list)
         per_dataset.append(ds.map(TokenizeTextBatch(config.tokenizer_path, config.text_max_length, i,
                                                     config.text_buckets)))
     ds = grain.MapDataset.select_from_datasets(per_dataset, RandomDatasetSelectionMap(weights, config.seed))

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 from tqdm.auto import tqdm
 
-from jclip_jax import sharding
+from jclip_jax import distributed, sharding
 from jclip_jax.encode import pad_to_batch
 from jclip_jax.preprocess import eval_transform
 from jclip_jax.tokenizer import DEFAULT_BUCKETS
@@ -57,10 +57,13 @@ class Embedder:
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(axes))
         self.progress, self.threads = progress, threads
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        self._text = jax.jit(lambda params, ids: nnx.merge(graphdef, params).text_features(ids),
-                             out_shardings=replicated)
-        self._image = jax.jit(lambda params, pixels: nnx.merge(graphdef, params).image_features(pixels),
-                              out_shardings=replicated)
+        # several processes: each program compiled everywhere before it runs (distributed.CompiledTogether)
+        self._text = distributed.CompiledTogether(
+            jax.jit(lambda params, ids: nnx.merge(graphdef, params).text_features(ids), out_shardings=replicated),
+            "eval_text_features")
+        self._image = distributed.CompiledTogether(
+            jax.jit(lambda params, pixels: nnx.merge(graphdef, params).image_features(pixels),
+                    out_shardings=replicated), "eval_image_features")
         self.decode_failures: list[str] = []  # reasons, appended by images()
 
     def replicate(self, state):
