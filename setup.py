@@ -33,6 +33,7 @@ setup(
         "test": [
             "pytest", "pytest-xdist", "ruff", "torch", "timm", "open_clip_torch",
             "tensorflow-datasets", "importlib_resources",
+            "transformers>=5.24",  # JinaEmbeddingsV3Model: the v2 text-tower oracle
         ],
     },
     entry_points={
