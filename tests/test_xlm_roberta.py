@@ -7,6 +7,7 @@ exported jina-clip-v2 state dict, and the original names are renamed to transfor
 chunks along dim 0, out_proj -> self_attn.o_proj, norm1/norm2 -> post_attention/post_mlp_layernorm).
 """
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -23,14 +24,18 @@ ROBERTA = "text_model.transformer.roberta."
 
 
 def randomized_model(cfg, seed=0, std=0.05, lora_std=0.3):
-    """A JinaCLIP whose every parameter is perturbed (zero-initialised LoRA factors and LN params included)."""
-    model = JinaCLIP(cfg, rngs=nnx.Rngs(seed))
+    """A JinaCLIP with random values in every parameter (LoRA factors and LayerNorms included), built from
+    numpy on the abstract model (no per-shape init compiles)."""
+    abstract = hf_layout.abstract_model(JinaCLIP, cfg)
     rng = np.random.default_rng(seed)
-    params = {k: np.asarray(v) + rng.normal(size=v.shape).astype(np.float32) * (lora_std if k[-1].startswith("lora")
-                                                                                 else std)
-              for k, v in hf_layout.flax_params(model).items()}
-    nnx.update(model, hf_layout.with_values(nnx.state(model, nnx.Param), params))
-    return model
+
+    def value(key, shape):
+        noise = rng.normal(size=shape).astype(np.float32)
+        if key[-1] == "scale":
+            return 1.0 + std * noise
+        return noise * (lora_std if key[-1].startswith("lora") else std)
+
+    return hf_layout.merge_params(abstract, {k: value(k, v.shape) for k, v in hf_layout.flax_params(abstract).items()})
 
 
 def oracle_state_dict(sd, num_layers, scaling):
@@ -135,8 +140,8 @@ def test_unmerged_lora_forward_equals_merged_forward():
     # the same merged weights in a tower with no LoRA at all
     plain_cfg = configs.tiny_v2()
     plain_cfg.text.lora_adaptations = ()
-    plain = JinaCLIP(plain_cfg, rngs=nnx.Rngs(0))
-    nnx.update(plain, hf_layout.with_values(nnx.state(plain, nnx.Param), after, partial=True))
+    plain = hf_layout.merge_params(hf_layout.abstract_model(JinaCLIP, plain_cfg),
+                                   {k: v for k, v in after.items() if not k[-1].startswith("lora")})
     np.testing.assert_allclose(np.asarray(text_features(plain, ids)), unmerged, atol=1e-5, rtol=0)
 
 
@@ -150,10 +155,14 @@ def test_lora_param_shapes_follow_jina():
     assert shapes[("text_model", "layers", "fc2", "lora_a")] == (2, 1, 128, 4)
     assert shapes[("text_model", "word_embeddings", "lora_a")] == (1, 512, 4)
     assert shapes[("text_model", "word_embeddings", "lora_b")] == (1, 4, 64)
-    init = JinaCLIP(cfg, rngs=nnx.Rngs(0))  # Linear B and Embedding A start at zero: LoRA starts as a no-op
-    assert not np.asarray(init.text_model.layers.fc1.lora_b[...]).any()
-    assert not np.asarray(init.text_model.word_embeddings.lora_a[...]).any()
-    assert np.asarray(init.text_model.word_embeddings.lora_b[...]).std() > 0.5
+    # Linear: A ~ U(+-1/sqrt(in)) (torch's Linear init), B = 0; Embedding: A = 0, B ~ N(0, 1): a no-op at init.
+    kw = dict(adaptations=1, rank=4, alpha=4.0, task=0, dtype=jnp.float32, param_dtype=jnp.float32,
+              rngs=nnx.Rngs(0))
+    linear = lora.LoRALinear(64, (128,), ("embed", "mlp"), **kw)
+    a = np.asarray(linear.lora_a[...])
+    assert not np.asarray(linear.lora_b[...]).any() and 0.9 / 8 < np.abs(a).max() <= 1 / 8
+    embed = lora.LoRAEmbed(512, 64, ("vocab", "embed"), **kw)
+    assert not np.asarray(embed.lora_a[...]).any() and 0.8 < np.asarray(embed.lora_b[...]).std() < 1.2
 
 
 def test_bad_lora_settings_fail_naming_the_field():

@@ -20,8 +20,6 @@ Training modes (train config `text_lora`, applied through `config.optim.frozen`,
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -32,15 +30,11 @@ LORA_PARAM_NAMES = ("lora_a", "lora_b")
 TEXT_LORA_MODES = ("all", "lora_only", "base_only")
 
 
-def kaiming_uniform_fan_in(fan_in: int):
-    """torch's nn.Linear default init, which jina's LoRA uses for lora_A: U(-b, b), b = 1/sqrt(fan_in)
-    (kaiming_uniform with a = sqrt(5))."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-def normal_init(std: float = 1.0):
-    return lambda key, shape, dtype: std * jax.random.normal(key, shape, dtype)
+def kaiming_uniform_fan_in():
+    """torch's nn.Linear default init, which jina's LoRA uses for lora_A [n, r, in]: U(-b, b), b = 1/sqrt(in)
+    (kaiming_uniform with a = sqrt(5)). Ours is (n, in, r): fan-in axis -2, adaptations a batch axis."""
+    return nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=-2, out_axis=-1,
+                                             batch_axis=(0,))
 
 
 class LoRALinear(nnx.Module):
@@ -59,7 +53,7 @@ class LoRALinear(nnx.Module):
                      if use_bias else None)
         self.task, self.scaling = task, (alpha / rank if adaptations else 0.0)
         if adaptations:
-            self.lora_a = nnx.Param(logical(kaiming_uniform_fan_in(in_features), None, axes[0], None)(
+            self.lora_a = nnx.Param(logical(kaiming_uniform_fan_in(), None, axes[0], None)(
                 rngs.params(), (adaptations, in_features, rank), param_dtype))
             self.lora_b = nnx.Param(logical(ZEROS, None, None, *axes[1:])(
                 rngs.params(), (adaptations, rank, *out_features), param_dtype))
@@ -95,7 +89,7 @@ class LoRAEmbed(nnx.Module):
         if adaptations:  # jina's Embedding LoRA: A zeros, B normal (the reverse of Linear's)
             self.lora_a = nnx.Param(logical(ZEROS, None, axes[0], None)(
                 rngs.params(), (adaptations, num_embeddings, rank), param_dtype))
-            self.lora_b = nnx.Param(logical(normal_init(), None, None, axes[1])(
+            self.lora_b = nnx.Param(logical(nnx.initializers.normal(1.0), None, None, axes[1])(
                 rngs.params(), (adaptations, rank, dim), param_dtype))
         else:
             self.lora_a = self.lora_b = None
