@@ -41,6 +41,7 @@ setup(
             "mteb>=2.26,<2.27", "clip-benchmark==1.6.2", "matplotlib",  # = the eval extra
             "nbclient", "nbformat", "ipykernel",  # notebooks executed in CI
             "jax[tpu]",  # = the tpu extra: tests/test_compile.py
+            "transformers>=5.24",  # JinaEmbeddingsV3Model: the v2 text-tower oracle
         ],
     },
     entry_points={

@@ -91,9 +91,22 @@ def check_images(images) -> list:
     return list(images)
 
 
+def task_instruction(text_cfg, task: str | None) -> str:
+    """The instruction `encode_text(task=...)` prepends (v2's `task_instructions`); '' for task=None."""
+    if task is None:
+        return ""
+    instructions = dict((k, v) for k, v in (text_cfg.get("task_instructions") or ()))
+    if task not in instructions:
+        raise ValueError(f"encode_text: unknown task {task!r}; this model's task_instructions: {sorted(instructions)}")
+    return instructions[task]
+
+
 def encode_text(model, texts: Sequence[str], batch_size: int = 32, truncate_dim: int | None = None,
-                max_length: int | None = None) -> np.ndarray:
-    """texts -> float32 (len(texts), embed_dim), unit norm. Truncates to `max_length` tokens (default 512)."""
+                max_length: int | None = None, task: str | None = None) -> np.ndarray:
+    """texts -> float32 (len(texts), embed_dim), unit norm. Truncates to `max_length` tokens (default 512).
+
+    task (v2, e.g. "retrieval.query"): that task's instruction is prepended to every text, as jina-clip does.
+    """
     if model.tokenizer is None:
         raise ValueError("this model has no tokenizer: load it with from_pretrained from a directory holding "
                          "tokenizer.json, or set model.tokenizer = jclip_jax.tokenizer.TextTokenizer(path)")
@@ -101,6 +114,9 @@ def encode_text(model, texts: Sequence[str], batch_size: int = 32, truncate_dim:
     _positive_int("batch_size", batch_size)
     _positive_int("truncate_dim", truncate_dim, optional=True)
     _positive_int("max_length", max_length, optional=True)
+    instruction = task_instruction(model.cfg.text, task)
+    if instruction:
+        texts = [instruction + t for t in texts]
     max_length = max_length or model.cfg.text.max_length
     out = []
     for start in range(0, len(texts), batch_size):

@@ -19,7 +19,8 @@ PEAK_FLOPS = {
 def text_forward_flops(cfg, seq_len: int) -> float:
     """Matmul FLOPs of one text-tower forward over `seq_len` tokens (embedding lookups are free)."""
     d, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    per_token = 2 * (3 * d * d + d * d + d * 2 * inter + inter * d) + 2 * 2 * seq_len * d  # + QK^T and AV
+    mlp_in = 1 if cfg.get("model_type") == "xlm_roberta" else 2  # v2: fc1 (d -> I); v1: GeGLU (d -> 2I)
+    per_token = 2 * (3 * d * d + d * d + d * mlp_in * inter + inter * d) + 2 * 2 * seq_len * d  # + QK^T and AV
     return float(layers * per_token * seq_len)
 
 

@@ -75,6 +75,9 @@ def base_config(model: ml_collections.ConfigDict, stage: int) -> ml_collections.
     c.loss.matryoshka_weights = ()
 
     c.optim = optim.default_config(stage)
+    # v2 text-tower LoRA training mode (models/lora.py): 'all', 'lora_only' (base text weights frozen, no
+    # optimizer state for them) or 'base_only' (LoRA factors held fixed); added to optim.frozen for the run.
+    c.text_lora = "all"
 
     c.evals = ml_collections.ConfigDict()
     c.evals.image_text_dir = ml_collections.FieldReference(None, field_type=str)
@@ -144,6 +147,19 @@ def validate(config) -> None:
             raise ValueError(f"config.data.{name} is empty")
 
 
+def text_lora_frozen_patterns(config) -> tuple[str, ...]:
+    """config.text_lora -> optim.frozen regexes; a LoRA mode on a text tower without LoRA is a config error."""
+    from jclip_jax.models import lora
+
+    mode = config.get("text_lora", "all")
+    patterns = lora.frozen_patterns(mode)
+    text = config.model.text
+    if patterns and not (text.get("model_type") == "xlm_roberta" and text.lora_adaptations):
+        raise ValueError(f"config.text_lora={mode!r} needs a text tower with LoRA (jina-clip-v2's); "
+                         f"this model's text tower has none")
+    return patterns
+
+
 def optim_for_run(config):
     """config.optim with total_steps = config.total_steps (one source of truth for the run length).
 
@@ -151,6 +167,7 @@ def optim_for_run(config):
     `--config.total_steps=N` works for any N >= 1."""
     o = config.optim.copy_and_resolve_references()
     o.total_steps = config.total_steps
+    o.frozen = tuple(o.frozen) + text_lora_frozen_patterns(config)
     if isinstance(o.warmup_steps, int) and isinstance(o.total_steps, int) and o.warmup_steps >= o.total_steps > 0:
         o.warmup_steps = o.total_steps // 10
     return o

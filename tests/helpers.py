@@ -33,3 +33,20 @@ def write_wordpiece_tokenizer(path: str, vocab_size: int = 200) -> str:
 def random_image(seed: int, size=(40, 30)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
+
+
+def write_xlmr_style_tokenizer(path: str, texts=None, vocab_size: int = 200) -> str:
+    """An XLM-R-shaped tokenizer.json (SentencePiece Unigram; <s>=0, <pad>=1, </s>=2, <unk>=3; <s> ... </s>)
+    trained in-process on `texts` (default CORPUS), like jina-embeddings-v3's but tiny."""
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>")
+    tok.train_from_iterator(texts or CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tok.save(path)
+    return path

@@ -58,6 +58,24 @@ def test_v1_width_tower_matches_timm():
     assert _compare(cfg, _timm_eva(224, 16, 768, 1, 12)) <= 1e-4
 
 
+def test_v2_eva02_large_at_512_matches_timm():
+    """jina-clip-v2's image tower: timm's eva02_large_patch14_clip_224 built at img_size=512 (grid 36, 8 pixels
+    the stride-14 conv never reads, RoPE ref_feat_shape 16 -> positions k*16/36), one block deep."""
+    torch.manual_seed(0)
+    tmodel = timm.create_model("eva02_large_patch14_clip_224", pretrained=False, num_classes=0, img_size=512,
+                               depth=1).eval()
+    assert tmodel.pos_embed.shape == (1, 1297, 1024)
+    with torch.no_grad():
+        for p in tmodel.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    cfg = configs.jina_clip_v2()
+    cfg.vision.layers = 1
+    cfg.text = configs.tiny_v2().text
+    err = _compare(cfg, tmodel, batch=1)
+    print(f"EVA02-L/14 @ 512 parity vs timm: max |diff| {err:.2e}")
+    assert err <= 1e-4
+
+
 def test_rope_table_entries_follow_the_closed_form():
     grid, head_dim = 14, 64
     cos, sin = rope_tables(grid, head_dim, pt_hw_seq_len=14)

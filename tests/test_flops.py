@@ -29,3 +29,9 @@ def test_v1_matches_the_2_flops_per_param_rule():
     body_params = 12 * (4 * 768 * 768 + 3 * 768 * 3072)
     assert text == pytest.approx(2 * body_params * 77, rel=0.05)
     assert train_step_flops(cfg, 2, 3, 77) == pytest.approx(3 * (2 * (image + text) + 3 * 2 * text))
+
+
+def test_v2_text_flops_by_hand():
+    cfg = configs.xlm_roberta_text_config(hidden_size=4, intermediate_size=8, num_hidden_layers=1)
+    # per token: qkv 2*4*12=96, out 2*4*4=32, fc1 2*4*8=64 (no GLU), fc2 2*8*4=64, scores+AV 4*3*4=48
+    assert text_forward_flops(cfg, seq_len=3) == 3 * (96 + 32 + 64 + 64 + 48)

@@ -35,3 +35,11 @@ def import_open_clip():
     import open_clip
 
     return open_clip
+
+
+def import_transformers():
+    """transformers (JinaEmbeddingsV3Model, the v2 text-tower oracle); safe next to timm in one process."""
+    _declare_torchvision_ops()
+    import transformers
+
+    return transformers

@@ -27,6 +27,7 @@ from jclip_jax.models import configs
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 JINA_BERT_NAME = "jinaai/jina-bert-flash-implementation"
+JINA_V3_NAME = "jinaai/jina-embeddings-v3"  # jina-clip-v2's text tower (Jina-XLM-RoBERTa + LoRA)
 # config.json text hyper-parameter name -> our text config field (same names, listed for clarity).
 TEXT_KWARGS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                "type_vocab_size", "layer_norm_eps", "pad_token_id", "hidden_dropout_prob")
@@ -68,6 +69,8 @@ def config_to_hf(cfg) -> dict:
             "x_attention": False, **VISION_FIXED,
         },
     }
+    if cfg.text.get("model_type") == "xlm_roberta":
+        out["text_config"] = xlm_roberta_text_to_hf(cfg.text)
     if cfg.matryoshka_dimensions:
         out["matryoshka_dimensions"] = [int(d) for d in cfg.matryoshka_dimensions]
     return out
@@ -106,6 +109,59 @@ def check_field_types(hf: dict, source: str = CONFIG_FILE) -> None:
         raise ValueError(f"{source}: matryoshka_dimensions={dims!r} must be a list of ints")
 
 
+# config.json text hyper-parameters of the v2 tower that travel in hf_model_config_kwargs when they differ from
+# jina-embeddings-v3's (tiny test models); rotary_emb_base is 20000 in jina-embeddings-v3's own config.json.
+XLM_ROBERTA_KWARGS = TEXT_KWARGS + ("rotary_emb_base",)
+
+
+def _number(x: float):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def xlm_roberta_text_to_hf(text) -> dict:
+    """v2 text config -> jina-clip-v2's text_config (spec §5.4's schema)."""
+    defaults = configs.xlm_roberta_text_config()
+    kwargs = {
+        "load_trained_adapters": False,
+        "lora_adaptations": list(text.lora_adaptations),
+        "lora_alpha": _number(text.lora_alpha),
+        "lora_dropout_p": 0.0,
+        "lora_main_params_trainable": False,
+        "lora_rank": int(text.lora_rank),
+        "task_instructions": {task: instruction for task, instruction in text.task_instructions},
+        "use_flash_attn": False,
+    }
+    kwargs.update({k: text[k] for k in XLM_ROBERTA_KWARGS if text[k] != defaults[k]})
+    return {
+        "default_instruction_task": None,
+        "default_lora_task": text.default_lora_task if text.lora_adaptations else None,
+        "embed_dim": int(text.hidden_size),
+        "hf_model_name_or_path": JINA_V3_NAME,
+        "hf_model_config_kwargs": kwargs,
+        "pooler_type": "mean_pooler",
+        "proj_type": None,
+        "proj_bias": False,
+    }
+
+
+def xlm_roberta_text_from_hf(tc: dict, source: str) -> ml_collections.ConfigDict:
+    """jina-clip-v2's text_config -> our v2 text config; sizes default to jina-embeddings-v3's."""
+    kwargs = dict(tc.get("hf_model_config_kwargs") or {})
+    text = configs.xlm_roberta_text_config(**{k: kwargs[k] for k in XLM_ROBERTA_KWARGS if k in kwargs})
+    if "lora_adaptations" in kwargs:
+        text.lora_adaptations = tuple(kwargs["lora_adaptations"] or ())
+    text.lora_rank = int(kwargs.get("lora_rank", text.lora_rank))
+    text.lora_alpha = float(kwargs.get("lora_alpha", text.lora_alpha))
+    if "task_instructions" in kwargs:
+        text.task_instructions = tuple((str(k), str(v)) for k, v in (kwargs["task_instructions"] or {}).items())
+    text.default_lora_task = tc.get("default_lora_task") or (text.lora_adaptations[0] if text.lora_adaptations
+                                                             else None)
+    if text.lora_adaptations and text.default_lora_task not in text.lora_adaptations:
+        raise ValueError(f"{source}: text_config.default_lora_task={text.default_lora_task!r} is not one of "
+                         f"hf_model_config_kwargs.lora_adaptations={list(text.lora_adaptations)}")
+    return text
+
+
 def config_from_hf(hf: dict, source: str = CONFIG_FILE) -> ml_collections.ConfigDict:
     """jina-clip config.json dict -> our ConfigDict; unsupported variants fail naming the field."""
     def need(d, key, where):
@@ -119,13 +175,16 @@ def config_from_hf(hf: dict, source: str = CONFIG_FILE) -> ml_collections.Config
 
     tc, vc = need(hf, "text_config", ""), need(hf, "vision_config", "")
     name = tc.get("hf_model_name_or_path", JINA_BERT_NAME)
-    if "jina-bert" not in name:
+    v2_text = "jina-embeddings-v3" in name or "xlm-roberta" in name
+    if "jina-bert" not in name and not v2_text:
         raise ValueError(f"{source}: text_config.hf_model_name_or_path={name!r} is not supported; only the "
-                         "Jina-BERT-v2 (ALiBi) text tower of jina-clip-v1 is implemented")
+                         "Jina-BERT-v2 (jina-clip-v1) and Jina-XLM-RoBERTa (jina-clip-v2) towers are implemented")
     if tc.get("pooler_type", "mean_pooler") != "mean_pooler":
         raise ValueError(f"{source}: text_config.pooler_type={tc['pooler_type']!r}; only mean_pooler is supported")
     kwargs = dict(tc.get("hf_model_config_kwargs") or {})
     text = configs.text_config(**{k: kwargs[k] for k in TEXT_KWARGS if k in kwargs})
+    if v2_text:
+        text = xlm_roberta_text_from_hf(tc, source)
     for k, want in VISION_FIXED.items():
         if k in vc and vc[k] != want:
             raise ValueError(f"{source}: vision_config.{k}={vc[k]!r} is not supported (only {want!r})")

@@ -101,6 +101,71 @@ def text_layout(prefix: str = "text_model.transformer.") -> list[Entry]:
     ]
 
 
+def _lora_a_to_torch(a):  # Linear lora_a (n, in, r) -> torch lora_A [n, r, in]
+    return a.transpose(0, 2, 1)
+
+
+def _lora_a_to_flax(w, shape):
+    return w.transpose(0, 2, 1).reshape(shape)
+
+
+def _lora_b_to_torch(b):  # Linear lora_b (n, r, *out) -> torch lora_B [n, out, r]
+    return b.reshape(b.shape[0], b.shape[1], -1).transpose(0, 2, 1)
+
+
+def _lora_b_to_flax(w, shape):
+    return w.transpose(0, 2, 1).reshape(shape)
+
+
+def _lora_linear(torch_prefix, flax_prefix, stacked, lora: bool):
+    """A LoRA-parametrised Linear (torch.nn.utils.parametrize): weight under parametrizations.weight.original,
+    the adapters under parametrizations.weight.0.lora_A / lora_B (index 0 = the first parametrization)."""
+    if not lora:
+        return _linear(torch_prefix, flax_prefix, stacked)
+    w = f"{torch_prefix}.parametrizations.weight."
+    return [
+        Entry(w + "original", (*flax_prefix, "kernel"), _linear_to_torch, _linear_to_flax, stacked),
+        Entry(w + "0.lora_A", (*flax_prefix, "lora_a"), _lora_a_to_torch, _lora_a_to_flax, stacked),
+        Entry(w + "0.lora_B", (*flax_prefix, "lora_b"), _lora_b_to_torch, _lora_b_to_flax, stacked),
+        Entry(f"{torch_prefix}.bias", (*flax_prefix, "bias"), _reshape_to_torch, _reshape_to_flax, stacked),
+    ]
+
+
+def _lora_embedding(torch_prefix, flax_prefix, lora: bool):
+    """Embedding LoRA factors have the torch orientation already: lora_A [n, num, r], lora_B [n, r, dim]."""
+    if not lora:
+        return [Entry(f"{torch_prefix}.weight", (*flax_prefix, "embedding"), _same, _same)]
+    w = f"{torch_prefix}.parametrizations.weight."
+    return [Entry(w + "original", (*flax_prefix, "embedding"), _same, _same),
+            Entry(w + "0.lora_A", (*flax_prefix, "lora_a"), _same, _same),
+            Entry(w + "0.lora_B", (*flax_prefix, "lora_b"), _same, _same)]
+
+
+def xlm_roberta_text_layout(lora: bool = True, prefix: str = "text_model.transformer.roberta.") -> list[Entry]:
+    """jina-clip-v2's text tower (spec §5.2): XLMRobertaLoRA wraps `.roberta`; 8 + 20 per layer tensors."""
+    t, L = prefix, prefix + "encoder.layers.{i}."
+    f = ("text_model", "layers")
+    return [
+        *_lora_embedding(t + "embeddings.word_embeddings", ("text_model", "word_embeddings"), lora),
+        *_lora_embedding(t + "embeddings.token_type_embeddings", ("text_model", "token_type_embeddings"), lora),
+        *_norm(t + "emb_ln", ("text_model", "emb_ln"), False),
+        # Wqkv rows [q | k | v], head-major == flax features (3, heads, head_dim) flattened.
+        *_lora_linear(L + "mixer.Wqkv", (*f, "wqkv"), True, lora),
+        *_lora_linear(L + "mixer.out_proj", (*f, "out_proj"), True, lora),
+        *_norm(L + "norm1", (*f, "norm1"), True),
+        *_lora_linear(L + "mlp.fc1", (*f, "fc1"), True, lora),
+        *_lora_linear(L + "mlp.fc2", (*f, "fc2"), True, lora),
+        *_norm(L + "norm2", (*f, "norm2"), True),
+    ]
+
+
+def text_layout_for(cfg) -> list[Entry]:
+    """The text tower's entries for cfg.text: Jina-BERT-v2 (v1) or Jina-XLM-RoBERTa with LoRA (v2)."""
+    if cfg.text.get("model_type", "jina_bert") == "xlm_roberta":
+        return xlm_roberta_text_layout(lora=bool(cfg.text.lora_adaptations))
+    return text_layout()
+
+
 def vision_layout(prefix: str = "vision_model.") -> list[Entry]:
     v, B = prefix, prefix + "blocks.{i}."
     f = ("vision_model", "blocks")
@@ -128,7 +193,7 @@ def vision_layout(prefix: str = "vision_model.") -> list[Entry]:
 
 
 def layout(cfg) -> list[Entry]:
-    entries = [Entry("logit_scale", ("logit_scale",), _same, _same), *text_layout(), *vision_layout()]
+    entries = [Entry("logit_scale", ("logit_scale",), _same, _same), *text_layout_for(cfg), *vision_layout()]
     if cfg.add_projections:  # [U] key names of jina-clip's optional projections (absent in v1/v2)
         entries += _linear("text_projection", ("text_projection",), False, bias=False)
         entries += _linear("visual_projection", ("visual_projection",), False, bias=False)

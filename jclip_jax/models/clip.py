@@ -1,4 +1,5 @@
-"""JinaCLIP: the Jina-BERT text tower, the EVA02 image tower, optional projections and `logit_scale`.
+"""JinaCLIP: a Jina-BERT (v1) or Jina-XLM-RoBERTa (v2) text tower, the EVA02 image tower, optional
+projections and `logit_scale`.
 
     model = JinaCLIP(configs.tiny(), rngs=nnx.Rngs(0))          # from scratch
     model = JinaCLIP.from_pretrained("path/to/hf_dir")           # config.json + model.safetensors
@@ -16,6 +17,17 @@ from flax import nnx
 from jclip_jax.models.eva02 import EvaVisionTower
 from jclip_jax.models.jina_bert import JinaBertTextTower
 from jclip_jax.models.layers import dtype_of, logical, trunc_normal
+from jclip_jax.models.xlm_roberta import XLMRobertaTextTower
+
+TEXT_TOWERS = {"jina_bert": JinaBertTextTower, "xlm_roberta": XLMRobertaTextTower}
+
+
+def text_tower_type(text_cfg) -> str:
+    """'jina_bert' (v1; its config has no model_type) or 'xlm_roberta' (v2)."""
+    kind = text_cfg.get("model_type", "jina_bert")
+    if kind not in TEXT_TOWERS:
+        raise ValueError(f"text.model_type={kind!r}; known: {sorted(TEXT_TOWERS)}")
+    return kind
 
 
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -28,7 +40,7 @@ class JinaCLIP(nnx.Module):
         self.cfg = cfg
         remat = cfg.get("remat_policy", "nothing") if cfg.remat else False  # a policy name, or off
         opts = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers, remat=remat)
-        self.text_model = JinaBertTextTower(cfg.text, rngs=rngs, **opts)
+        self.text_model = TEXT_TOWERS[text_tower_type(cfg.text)](cfg.text, rngs=rngs, **opts)
         self.vision_model = EvaVisionTower(cfg.vision, rngs=rngs, **opts)
         pdt = dtype_of(cfg.param_dtype)
         if cfg.add_projections:
@@ -84,11 +96,13 @@ class JinaCLIP(nnx.Module):
 
         hf_layout.save_pretrained(self, directory)
 
-    def encode_text(self, texts, batch_size: int = 32, truncate_dim: int | None = None, max_length=None):
+    def encode_text(self, texts, batch_size: int = 32, truncate_dim: int | None = None, max_length=None,
+                    task: str | None = None):
+        """task (v2): prepend that task's instruction from the config, e.g. task="retrieval.query"."""
         from jclip_jax import encode
 
         return encode.encode_text(self, texts, batch_size=batch_size, truncate_dim=truncate_dim,
-                                  max_length=max_length)
+                                  max_length=max_length, task=task)
 
     def encode_image(self, images, batch_size: int = 32, truncate_dim: int | None = None):
         from jclip_jax import encode

@@ -43,6 +43,33 @@ def vision_config(**overrides) -> ml_collections.ConfigDict:
     return c
 
 
+def xlm_roberta_text_config(**overrides) -> ml_collections.ConfigDict:
+    """Jina-XLM-RoBERTa text tower of jina-embeddings-v3 with jina-clip-v2's LoRA (spec §5.1, §5.4)."""
+    c = ml_collections.ConfigDict()
+    c.model_type = "xlm_roberta"  # selects models/xlm_roberta.py (v1's text config has no such field)
+    c.vocab_size = 250002
+    c.hidden_size = 1024
+    c.num_hidden_layers = 24
+    c.num_attention_heads = 16
+    c.intermediate_size = 4096
+    c.type_vocab_size = 1
+    c.layer_norm_eps = 1e-5
+    c.pad_token_id = 1  # XLM-R: <s>=0, <pad>=1, </s>=2
+    c.hidden_dropout_prob = 0.1  # training only
+    c.max_length = 512  # encode_text's default truncation (jina-clip's encode_text)
+    # jina-embeddings-v3's config.json (the class default is 10000; the checkpoint's value is what counts)
+    c.rotary_emb_base = 20000.0
+    # jina-clip-v2's config.json: one adaptation, rank 4, alpha 4 (scaling 1.0), applied on every forward
+    c.lora_adaptations = ("retrieval.query",)
+    c.lora_rank = 4
+    c.lora_alpha = 4.0
+    c.default_lora_task = "retrieval.query"
+    # (task, instruction) pairs: encode_text(task=...) prepends the instruction (pairs: task names hold dots)
+    c.task_instructions = (("retrieval.query", "Represent the query for retrieving evidence documents: "),)
+    c.update(overrides)
+    return c
+
+
 def clip_config(text=None, vision=None, **overrides) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.text = text if text is not None else text_config()
@@ -80,9 +107,31 @@ def tiny(**overrides) -> ml_collections.ConfigDict:
     return clip_config(text=text, vision=vision, projection_dim=64, **overrides)
 
 
+def jina_clip_v2(**overrides) -> ml_collections.ConfigDict:
+    """jina-clip-v2 exactly: Jina-XLM-RoBERTa + one rank-4 LoRA, EVA02-L/14 at 512 px; 865,278,477 parameters."""
+    # EVA02-L/14 (spec §5.1): hidden int(1024 * 2.6667) = 2730; 512 // 14 = 36 patches a side (8 px unused);
+    # RoPE positions interpolated to pt_hw_seq_len 16.
+    vision = vision_config(image_size=512, patch_size=14, width=1024, layers=24, head_width=64, mlp_ratio=2.6667,
+                           pt_hw_seq_len=16, intp_freq=True)
+    return clip_config(text=xlm_roberta_text_config(), vision=vision, projection_dim=1024,
+                       matryoshka_dimensions=(32, 64, 128, 256, 512, 768, 1024), **overrides)
+
+
+def tiny_v2(**overrides) -> ml_collections.ConfigDict:
+    """A 2-layer, width-64 v2 model (RoPE + LoRA text tower; 36 px / patch 8 leaves a 4 px remainder)."""
+    text = xlm_roberta_text_config(
+        vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_length=64,
+    )
+    vision = vision_config(image_size=36, patch_size=8, width=64, layers=2, head_width=16, mlp_ratio=2.6667,
+                           pt_hw_seq_len=3, intp_freq=True)
+    return clip_config(text=text, vision=vision, projection_dim=64, matryoshka_dimensions=(16, 32, 64),
+                       **overrides)
+
+
 def get(name: str) -> ml_collections.ConfigDict:
-    """Model config by name: 'jina-clip-v1' or 'tiny'."""
-    table = {"jina-clip-v1": jina_clip_v1, "tiny": tiny}
+    """Model config by name: 'jina-clip-v1', 'jina-clip-v2', 'tiny' or 'tiny-v2'."""
+    table = {"jina-clip-v1": jina_clip_v1, "tiny": tiny, "jina-clip-v2": jina_clip_v2, "tiny-v2": tiny_v2}
     if name not in table:
         raise ValueError(f"unknown model config {name!r}; known: {sorted(table)}")
     return table[name]()
