@@ -9,7 +9,8 @@ start-up is included (it is part of a real run); use enough tars that it is smal
     # last line: {"records_per_s_1": ..., "records_per_s_2": ..., "ratio": ..., "loadavg_before": [...]}
 
 The machine's 1-minute load average before each run is printed: the ratio only means something when the
-other cores are idle.
+other cores are idle. CPU-ms per record (this process + its workers) shows whether the workers add work:
+equal figures mean the wall-time ratio is bounded only by the cores free.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import contextlib
 import io
 import json
 import os
+import resource
 import tarfile
 import tempfile
 import time
@@ -51,14 +53,22 @@ def write_tars(directory: str, tars: int, per_tar: int, size: int, seed: int = 0
     return os.path.join(directory, "*.tar")
 
 
-def time_prepare(inputs: str, output: str, workers: int) -> tuple[float, int]:
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the workers, once their pool is joined)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def time_prepare(inputs: str, output: str, workers: int) -> tuple[float, int, float]:
+    """(wall seconds, records written, CPU seconds of this process and its workers)."""
     from jclip_jax.data import prepare
 
+    cpu = _cpu_seconds()
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # the summary line
         summary = prepare.run(["image-text", "--format", "webdataset", "--input", inputs, "--output", output,
                            "--workers", str(workers)])
-    return time.perf_counter() - start, summary["written"]
+    return time.perf_counter() - start, summary["written"], _cpu_seconds() - cpu
 
 
 def main():
@@ -72,22 +82,23 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         inputs = write_tars(tmp, args.tars, args.per_tar, args.image_size)
-        out, loads = {}, {}
+        out, loads, cpu_ms = {}, {}, {}
         for workers in (1, 2):
             best = 0.0
             for r in range(args.repeats):
                 loads.setdefault(workers, []).append(round(os.getloadavg()[0], 2))
-                seconds, written = time_prepare(inputs, os.path.join(tmp, f"out-{workers}-{r}"), workers)
+                seconds, written, cpu = time_prepare(inputs, os.path.join(tmp, f"out-{workers}-{r}"), workers)
                 best = max(best, written / seconds)
+                cpu_ms[workers] = round(1000 * cpu / written, 3)
             out[workers] = best
-            print(f"workers={workers}: {best:,.0f} records/s  (load average before: {loads[workers]}, "
-                  f"{os.cpu_count()} cores)", flush=True)
+            print(f"workers={workers}: {best:,.0f} records/s, {cpu_ms[workers]} CPU-ms/record  (load average "
+                  f"before: {loads[workers]}, {os.cpu_count()} cores)", flush=True)
         ratio = out[2] / out[1]
         print(f"2 workers / 1 worker: {ratio:.2f}x")
         if args.json:
             print(json.dumps({"records_per_s_1": round(out[1], 1), "records_per_s_2": round(out[2], 1),
-                              "ratio": round(ratio, 3), "loadavg_before": loads, "cores": os.cpu_count(),
-                              "records": args.tars * args.per_tar}))
+                              "ratio": round(ratio, 3), "cpu_ms_per_record": cpu_ms, "loadavg_before": loads,
+                              "cores": os.cpu_count(), "records": args.tars * args.per_tar}))
 
 
 if __name__ == "__main__":
