@@ -94,6 +94,7 @@ def build_report(step, topology_name: str, num_slices: int = 1) -> dict:
     if step.compiled is None:
         report["fits"] = False
         report["error"] = (step.error or "not compiled").splitlines()[0][:400]
+        report["compiler_message"] = (step.error or "")[:20_000]
         report["largest_allocations"] = _largest_allocations(step.error or "")
         used = re.search(r"Used ([\d.]+)([GM]) of ([\d.]+)([GM]) hbm", step.error or "")
         if used:
