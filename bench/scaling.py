@@ -76,7 +76,7 @@ def render(out_dir: str) -> str:
         mem = f"{r['hbm_bytes'] / GIB:.1f} / {r['hbm_capacity_bytes'] / GIB:.0f}" if "hbm_bytes" in r else "?"
         ratio = f"{r['flops_ratio']:.2f}" if "flops_ratio" in r else "-"
         bound = r.get("roofline", {})
-        step = f"{bound['step_s_lower_bound']:.2f}" if bound else "-"
+        step = f"{1e3 * bound['step_s_lower_bound']:.1f}" if bound else "-"
         pairs = f"{bound['pairs_per_s_upper_bound']:,.0f}" if bound else "-"
         mfu = f"{100 * bound['mfu_upper_bound']:.0f}%" if bound else "-"
         coll = f"{r['collective_bytes'] / GIB:.1f}" if "collective_bytes" in r else "-"
@@ -86,7 +86,7 @@ def render(out_dir: str) -> str:
                     f"{'yes' if r['fits'] else '**no**'} | {mem} | {ratio} | {bf16} | {coll} | {step} | {pairs} | "
                     f"{mfu} | {r.get('compile_seconds', 0):.0f} |")
     header = ("| run | chips | mesh | micro-batches | fits | HBM per chip GiB (used / capacity) | compiled / model "
-              "FLOPs | bf16 x bf16 FLOPs | collectives GiB / step | step >= s | pairs/s <= | MFU <= | compile s |\n"
+              "FLOPs | bf16 x bf16 FLOPs | collectives GiB / step | step >= ms | pairs/s <= | MFU <= | compile s |\n"
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     return header + "\n" + "\n".join(rows)
 
