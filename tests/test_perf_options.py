@@ -22,9 +22,12 @@ def _loss_and_grads(remat, policy="nothing", mesh=None):
     ids = jnp.asarray(rng.integers(1, 512, size=(8, 12)), jnp.int32)
     pixels = jnp.asarray(rng.normal(size=(8, 32, 32, 3)), jnp.float32)
 
+    probe = jnp.asarray(rng.normal(size=(8, 64)), jnp.float32)  # a fixed direction: the towers end in a
+    # LayerNorm, so e.g. a sum of squares would be nearly constant and its gradients pure rounding noise
+
     def loss(p):
         m = nnx.merge(graphdef, p)
-        return jnp.sum(m.text_features(ids) ** 2) + jnp.sum(m.image_features(pixels) ** 2)
+        return jnp.sum(m.text_features(ids) * probe) + jnp.sum(m.image_features(pixels) * probe)
 
     if mesh is None:
         return jax.jit(jax.value_and_grad(loss))(params)
@@ -40,7 +43,8 @@ def test_remat_policies_and_activation_constraints_give_the_same_loss_and_gradie
         np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5, err_msg=f"{remat} {policy} {m}")
         for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
             # float32 sums in another order (sharded, recomputed): relative to each gradient's scale
-            np.testing.assert_allclose(g, w, atol=1e-3 * float(np.abs(w).max()), err_msg=f"{remat} {policy} {m}")
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(np.abs(w).max()),
+                                       err_msg=f"{remat} {policy} {m}")
 
 
 def test_activation_constraint_pins_rows_to_the_batch_axes_and_is_a_noop_outside():
@@ -49,7 +53,8 @@ def test_activation_constraint_pins_rows_to_the_batch_axes_and_is_a_noop_outside
     assert layers.constrain_activation(x, "batch", None, None) is x  # no context: untouched
     with layers.activation_sharding(mesh, sharding.DEFAULT_RULES):
         y = jax.jit(lambda x: layers.constrain_activation(x * 2, "batch", None, None))(x)
-    assert y.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, None)
+    spec = tuple(y.sharding.spec) + (None,) * (3 - len(y.sharding.spec))
+    assert spec == (("data", "fsdp"), None, None)
 
 
 def test_unknown_remat_policy_and_precision_fail_with_the_field_name():

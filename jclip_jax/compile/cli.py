@@ -21,14 +21,20 @@ from jclip_jax import train  # noqa: F401  (defines --config, the same config-fi
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology <chip>:<grid>, e.g. v5e:2x2, v5p:4x4x4, v6e:8x8.")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of that topology (multi-slice over DCN).")
 _JSON = flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
+_HLO = flags.DEFINE_string("hlo", None, "Also write the compiled HLO text to this file (hlo.analyze reads it).")
+_CONSTRAINTS = flags.DEFINE_bool("activation_constraints", True,
+                                 "Pin the towers' activations to the batch axes (off: what GSPMD picks alone).")
 
 
-def compile_and_report(config, topology_name: str, num_slices: int = 1) -> dict:
+def compile_and_report(config, topology_name: str, num_slices: int = 1, hlo_path: str | None = None) -> dict:
     """Compile config's step for the topology; the report dict (report.build_report)."""
     from jclip_jax.compile import program, report, topology
 
     devices = topology.topology_devices(topology_name, num_slices)
     step = program.compile_train_step(config, devices, num_slices)
+    if hlo_path and step.compiled is not None:
+        with open(hlo_path, "w") as f:
+            f.write(step.compiled.as_text())
     return report.build_report(step, topology_name, num_slices)
 
 
@@ -40,9 +46,11 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     from jclip_jax.compile import report
+    from jclip_jax.models import layers
 
+    layers.ACTIVATION_CONSTRAINTS = _CONSTRAINTS.value
     try:
-        result = compile_and_report(flags.FLAGS.config, _TOPOLOGY.value, _NUM_SLICES.value)
+        result = compile_and_report(flags.FLAGS.config, _TOPOLOGY.value, _NUM_SLICES.value, _HLO.value)
     except (ValueError, FileNotFoundError) as e:
         if os.environ.get("JCLIP_DEBUG"):
             raise

@@ -1,5 +1,6 @@
 """Read a compiled program's HLO text: matmul FLOPs counted with loop trip counts, their dtype mix, the
-collectives and an estimate of HBM traffic, all per device.
+collectives and an estimate of HBM traffic (operands and results of the unfused instructions, slices of
+in-place buffers counted as slices), all per device.
 
 Why hand-written: XLA's `cost_analysis()` counts a while-loop body once, and this model runs almost
 everything in loops (`lax.scan` over layers, the loss's gather loop, GradCache's micro-batches), so it
@@ -298,6 +299,35 @@ def matmul_flops(instr: Instruction, shapes: dict[str, Instruction]) -> float:
     return 2.0 * macs
 
 
+def _traffic(instr: Instruction, shapes: dict, computations: dict) -> float:
+    """Bytes one top-level instruction reads and writes in HBM: its operands and result, except that a
+    dynamic-slice reads only the slice and a dynamic-update-slice (in place, e.g. a scan writing layer i of
+    a stacked buffer) writes only the update, also when they sit inside a fusion on one of its parameters."""
+    operand = [shapes[o].bytes if o in shapes else 0.0 for o in instr.operands]
+    out = instr.bytes
+    if instr.opcode == "dynamic-slice":
+        return 2.0 * out
+    if instr.opcode == "dynamic-update-slice":
+        return 2.0 * operand[1] if len(operand) > 1 else out
+    if instr.opcode == "fusion":
+        body = computations.get(dict(_callees(instr)).get("calls", ""), [])
+        params = {i.name: int(i.operands[0]) for i in body if i.opcode == "parameter" and i.operands
+                  and i.operands[0].isdigit()}
+        by_name = {i.name: i for i in body}
+        for i in body:
+            source = i.operands[0] if i.operands else None
+            index = params.get(source)
+            if index is None or index >= len(operand):
+                continue
+            if i.opcode == "dynamic-slice":
+                operand[index] = min(operand[index], i.bytes)
+            elif i.opcode == "dynamic-update-slice" and len(i.operands) > 1:
+                update = by_name.get(i.operands[1])
+                out -= operand[index] - (update.bytes if update else 0.0)  # the buffer is updated in place
+                operand[index] = 0.0
+    return max(out, 0.0) + sum(operand)
+
+
 def analyze(text: str) -> Analysis:
     computations, entry = parse(text)
     mult, fused, loops, unknown = multipliers(computations, entry)
@@ -327,7 +357,6 @@ def analyze(text: str) -> Analysis:
                 entry_["count"] += times
                 entry_["bytes"] += times * max(result_bytes, operand_bytes)
             if name not in fused and op not in NO_TRAFFIC and not op.endswith("-done"):
-                operand_bytes = sum(shapes[o].bytes for o in instr.operands if o in shapes)
-                result.hbm_bytes += times * (instr.bytes + operand_bytes)
+                result.hbm_bytes += times * _traffic(instr, shapes, computations)
     result.dtype_mix = dict(result.dtype_mix)
     return result

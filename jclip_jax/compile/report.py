@@ -94,10 +94,13 @@ def build_report(step, topology_name: str, num_slices: int = 1) -> dict:
     if step.compiled is None:
         report["fits"] = False
         report["error"] = (step.error or "not compiled").splitlines()[0][:400]
+        report["compiler_message"] = (step.error or "")[:20_000]
         report["largest_allocations"] = _largest_allocations(step.error or "")
-        used = re.search(r"Used ([\d.]+)([GM]) of ([\d.]+)([GM]) hbm", step.error or "")
-        if used:
-            scale = {"G": GIB, "M": 1024**2}
+        message = step.error or ""
+        used = (re.search(r"Used ([\d.]+)([GMK]) of ([\d.]+)([GMK]) hbm", message)
+                or re.search(r"HLO temporaries \(([\d.]+)([GMK])\) exceeds available HBM \(([\d.]+)([GMK])\)", message))
+        if used:  # the compiler's own figures: what the program needs, what the chip offers
+            scale = {"G": GIB, "M": 1024**2, "K": 1024}
             report["hbm_bytes"] = float(used.group(1)) * scale[used.group(2)]
             report["hbm_capacity_bytes"] = float(used.group(3)) * scale[used.group(4)]
         report["knobs"] = list(KNOBS)

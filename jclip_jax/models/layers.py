@@ -26,6 +26,7 @@ REMAT_POLICIES = {
 
 # (mesh, rules) while the train step is traced (`activation_sharding`); None elsewhere (no constraints).
 _ACTIVATION_MESH = contextvars.ContextVar("activation_mesh", default=None)
+ACTIVATION_CONSTRAINTS = True  # False: leave activations to GSPMD (jclip-compile --noactivation_constraints)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -54,7 +55,7 @@ def activation_sharding(mesh, rules):
     only over 'data', a full all-reduce after every matmul). Pinned activations keep rows over all batch
     axes and the width whole, so FSDP all-gathers each layer's weights and reduce-scatters their gradients.
     """
-    token = _ACTIVATION_MESH.set((mesh, rules))
+    token = _ACTIVATION_MESH.set((mesh, rules) if ACTIVATION_CONSTRAINTS else None)
     try:
         yield
     finally:

@@ -1,0 +1,118 @@
+"""The scaling table (docs/scaling.md): each v1 stage compiled for several TPU topologies with jclip-compile.
+
+    python bench/scaling.py                                   # every stage x topology x remat, then the table
+    python bench/scaling.py --stages 1 --topologies v5p:4x4x4,v5e:16x16 --remat on
+    python bench/scaling.py --render                          # only rebuild docs/scaling.md from the JSONs
+    python bench/scaling.py --stages 1 --topologies v5p:4x4x4 --extra mesh='(("data",8),("fsdp",8))' \
+        --name fsdp8 --no-activation-constraints              # the FSDP before/after comparison
+
+Each row is one `jclip-compile` run (a subprocess, so a crash or an over-HBM refusal is a row, not an
+abort) writing `<out>/<name>.json`; the table is rendered from every JSON in `<out>`, so runs can be
+added one at a time (a v1 compile takes 4-8 minutes on 2 cores). Nothing runs on a TPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOPOLOGIES = ("v4:4x4x4", "v5e:16x16", "v5p:4x4x4", "v6e:8x8")  # v4-64, v5e-256, v5p-64, v6e-64
+NAMES = {"v4:4x4x4": "v4-64", "v5e:16x16": "v5e-256", "v5p:4x4x4": "v5p-64", "v6e:8x8": "v6e-64",
+         "v5e:2x2": "v5e-4"}
+GIB = 1024**3
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--stages", default="1,2,3")
+    p.add_argument("--topologies", default=",".join(TOPOLOGIES))
+    p.add_argument("--remat", default="on,off", help="on, off, dots (remat with the 'dots' policy)")
+    p.add_argument("--extra", action="append", default=[], help="more --config.key=value overrides")
+    p.add_argument("--name", default="", help="suffix for the run names (with --extra)")
+    p.add_argument("--no-activation-constraints", action="store_true",
+                   help="compile without the towers' activation sharding constraints (the 'before' of FSDP)")
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "scaling_runs"))
+    p.add_argument("--doc", default=os.path.join(ROOT, "docs", "scaling.md"))
+    p.add_argument("--render", action="store_true", help="only render the table from existing JSONs")
+    p.add_argument("--timeout", type=int, default=3600)
+    return p.parse_args(argv)
+
+
+REMAT = {"on": ["--config.model.remat=True"], "off": ["--config.model.remat=False"],
+         "dots": ["--config.model.remat=True", "--config.model.remat_policy=dots"]}
+
+
+def run_one(stage: int, topology: str, remat: str, args) -> str:
+    name = f"v1_stage{stage}_{NAMES.get(topology, topology.replace(':', '_'))}_remat-{remat}"
+    name += f"_{args.name}" if args.name else ""
+    out = os.path.join(args.out, name + ".json")
+    cmd = [sys.executable, "-m", "jclip_jax.compile.cli", f"--config={ROOT}/configs/jina_clip_v1/stage{stage}.py",
+           f"--topology={topology}", f"--json={out}", f"--hlo={out[:-5]}.hlo.txt", *REMAT[remat],
+           *[f"--config.{e}" for e in args.extra]]
+    env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1", JAX_PLATFORMS="cpu")
+    if args.no_activation_constraints:
+        cmd.append("--noactivation_constraints")
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=args.timeout)
+    print(f"{name}: exit {proc.returncode} in {time.time() - t0:.0f} s", flush=True)
+    print("\n".join(ln for ln in proc.stdout.splitlines() if ln.startswith(("jclip-compile", "  "))), flush=True)
+    if proc.returncode not in (0, 1):
+        print(proc.stderr[-2000:], file=sys.stderr)
+    return out
+
+
+def render(out_dir: str) -> str:
+    rows = []
+    for path in sorted(glob.glob(os.path.join(out_dir, "*.json"))):
+        with open(path) as f:
+            r = json.load(f)
+        name = os.path.basename(path)[:-5]
+        mem = f"{r['hbm_bytes'] / GIB:.1f} / {r['hbm_capacity_bytes'] / GIB:.0f}" if "hbm_bytes" in r else "?"
+        ratio = f"{r['flops_ratio']:.2f}" if "flops_ratio" in r else "-"
+        bound = r.get("roofline", {})
+        step = f"{1e3 * bound['step_s_lower_bound']:.1f}" if bound else "-"
+        pairs = f"{bound['pairs_per_s_upper_bound']:,.0f}" if bound else "-"
+        mfu = f"{100 * bound['mfu_upper_bound']:.0f}%" if bound else "-"
+        coll = f"{r['collective_bytes'] / GIB:.1f}" if "collective_bytes" in r else "-"
+        mix = r.get("dtype_mix", {})
+        bf16 = f"{100 * sum(v for k, v in mix.items() if k.startswith('bf16 x bf16')):.0f}%" if mix else "-"
+        rows.append(f"| {name} | {r['chip']} x{r['chips']} | {r['mesh']} | {r['micro_batches']} | "
+                    f"{'yes' if r['fits'] else '**no**'} | {mem} | {ratio} | {bf16} | {coll} | {step} | {pairs} | "
+                    f"{mfu} | {r.get('compile_seconds', 0):.0f} |")
+    header = ("| run | chips | mesh | micro-batches | fits | HBM per chip GiB (used / capacity) | compiled / model "
+              "FLOPs | bf16 x bf16 FLOPs | collectives GiB / step | step >= ms | pairs/s <= | MFU <= | compile s |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    return header + "\n" + "\n".join(rows)
+
+
+def write_doc(args) -> None:
+    table = render(args.out)
+    with open(args.doc) as f:
+        doc = f.read()
+    begin, end = "<!-- scaling-table:begin -->", "<!-- scaling-table:end -->"
+    head, _, rest = doc.partition(begin)
+    _, _, tail = rest.partition(end)
+    with open(args.doc, "w") as f:
+        f.write(f"{head}{begin}\n{table}\n{end}{tail}")
+    print(table)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if not args.render:
+        for stage in [int(s) for s in args.stages.split(",")]:
+            for topology in args.topologies.split(","):
+                for remat in args.remat.split(","):
+                    run_one(stage, topology, remat, args)
+    write_doc(args)
+
+
+if __name__ == "__main__":
+    main()
