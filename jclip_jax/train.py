@@ -287,6 +287,9 @@ def _train(config, workdir: str, cleanup: contextlib.ExitStack) -> dict:
         skipped_updates = skipped_updates + metrics["nonfinite"]
         metrics = dict(metrics, skipped_updates=skipped_updates)
         log = step % config.log_every == 0 or step == config.total_steps
+        writer.step(step, metrics, log=log)
+        if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
+            writer.eval(step, evaluator(state["params"]))
         save = step % config.checkpoint_every == 0 or step == config.total_steps or preemption.requested
         if (log or save) and config.nonfinite == "stop" and int(skipped_updates):
             mngr.wait_until_finished()  # the earlier checkpoints are complete when we say so
@@ -294,9 +297,6 @@ def _train(config, workdir: str, cleanup: contextlib.ExitStack) -> dict:
                 f"non-finite loss or gradient norm at {int(skipped_updates)} step(s) up to step {step} (updates "
                 f"skipped); stopped before saving (config.nonfinite='stop'); the newest checkpoint is step "
                 f"{mngr.latest_step()}; lower optim.peak_lr or set --config.nonfinite=skip to skip such updates")
-        writer.step(step, metrics, log=log)
-        if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
-            writer.eval(step, evaluator(state["params"]))
         if save:
             try:
                 checkpoints.save(mngr, step, state, data_iterator, config, force=preemption.requested)
