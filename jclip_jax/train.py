@@ -304,6 +304,8 @@ def _train(config, workdir: str, cleanup: contextlib.ExitStack) -> dict:
                 raise StopTraining(f"saving the checkpoint of step {step} failed ({checkpoints.one_line(e)}); "
                                    f"the newest complete checkpoint is step {mngr.latest_step()}") from e
         if preemption.requested:
+            if not save:  # the signal came after the decision above
+                checkpoints.save(mngr, step, state, data_iterator, config, force=True)
             mngr.wait_until_finished()
             writer.close()
             print(f"jclip-train: preempted; checkpoint saved at step {step}", flush=True)
