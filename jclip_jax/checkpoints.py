@@ -123,6 +123,10 @@ def quarantine(mngr: ocp.CheckpointManager, steps) -> str:
         target.mkdir(parents=True, exist_ok=True)
         for step in steps:
             (directory / str(step)).rename(target / f"{step}-{int(time.time())}")
+    if jax.process_count() > 1:  # every host reloads after the move
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jclip_quarantine_checkpoints")
     mngr.reload()
     return os.fspath(target)
 

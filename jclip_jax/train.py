@@ -285,6 +285,9 @@ def _train(config, workdir: str, cleanup: contextlib.ExitStack) -> dict:
         skipped_updates = skipped_updates + metrics["nonfinite"]
         metrics = dict(metrics, skipped_updates=skipped_updates)
         log = step % config.log_every == 0 or step == config.total_steps
+        writer.step(step, metrics, log=log)
+        if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
+            writer.eval(step, evaluator(state["params"]))
         preempted = preemption.reached(step)  # every process, every step: the same answer on all
         save = step % config.checkpoint_every == 0 or step == config.total_steps or preempted
         if (log or save) and config.nonfinite == "stop" and int(skipped_updates):
@@ -293,9 +296,6 @@ def _train(config, workdir: str, cleanup: contextlib.ExitStack) -> dict:
                 f"non-finite loss or gradient norm at {int(skipped_updates)} step(s) up to step {step} (updates "
                 f"skipped); stopped before saving (config.nonfinite='stop'); the newest checkpoint is step "
                 f"{mngr.latest_step()}; lower optim.peak_lr or set --config.nonfinite=skip to skip such updates")
-        writer.step(step, metrics, log=log)
-        if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
-            writer.eval(step, evaluator(state["params"]))
         if save:
             try:
                 checkpoints.save(mngr, step, state, data_iterator, config, force=preempted)

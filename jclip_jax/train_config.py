@@ -209,7 +209,9 @@ def resume_changes(saved: dict, current) -> list[str]:
 
     old, new = _flat(saved), _flat(json.loads(current.to_json_best_effort()))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    refused = [k for k in changed if k.startswith(RESUME_REFUSED) and k not in RESUME_MODEL_SAFE]
+    # a key only one side has is a field added or removed by a code change, not a change of this run
+    refused = [k for k in changed if k.startswith(RESUME_REFUSED) and k not in RESUME_MODEL_SAFE
+               and k in old and k in new]
     if refused:
         raise ValueError("the workdir's checkpoint was written with another config; incompatible changes: " +
                          ", ".join(f"config.{k} {old.get(k)!r} -> {new.get(k)!r}" for k in refused) +
