@@ -90,6 +90,7 @@ def check_paths_exist(config) -> None:
     named = {"data.image_text_dir": config.data.image_text_dir, "data.text_dir": config.data.text_dir,
              "data.tokenizer_path": config.data.tokenizer_path, "init.checkpoint": config.init.checkpoint,
              "init.eva02": config.init.eva02, "init.jina_bert": config.init.jina_bert,
+             "init.jina_embeddings_v3": config.init.get("jina_embeddings_v3"),
              "evals.image_text_dir": config.evals.image_text_dir, "evals.text_pairs_dir": config.evals.text_pairs_dir}
     missing = [f"config.{k}={v!r}" for k, v in named.items()
                if v and "://" not in v and not v.startswith("tfds:") and not os.path.exists(v)]
@@ -125,13 +126,17 @@ def initial_params(config, abstract_params):
             return hf_layout.flax_params(model), f"jina-clip directory {init.checkpoint}"
         params, step = checkpoints.restore_params(init.checkpoint, abstract_params)
         return params, f"step {step} of {init.checkpoint}"
-    if init.eva02 or init.jina_bert:
+    v3 = init.get("jina_embeddings_v3")
+    if init.eva02 or init.jina_bert or v3:
         model = JinaCLIP(config.model, rngs=nnx.Rngs(config.seed))
         if init.eva02:
             towers.import_timm_eva02(model, read_weights(init.eva02), what=init.eva02)
         if init.jina_bert:
             towers.import_jina_bert_v2(model, read_weights(init.jina_bert), what=init.jina_bert)
-        return hf_layout.flax_params(model), f"towers eva02={init.eva02} jina_bert={init.jina_bert}"
+        if v3:
+            towers.import_jina_embeddings_v3(model, read_weights(v3), what=v3)
+        text = f"jina_embeddings_v3={v3}" if v3 else f"jina_bert={init.jina_bert}"
+        return hf_layout.flax_params(model), f"towers eva02={init.eva02} {text}"
     return None, "scratch"
 
 
