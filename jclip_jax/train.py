@@ -152,6 +152,15 @@ def load_initial_params(state, shardings, params, tx):
                                                                            shardings["step"])}
 
 
+def merged_text_lora(graphdef, params):
+    """params (nnx.State) with every text LoRA delta folded into its base weight and lora_b zeroed."""
+    from jclip_jax.models import lora
+
+    model = nnx.merge(graphdef, params)
+    lora.merge_lora(model)
+    return nnx.state(model, nnx.Param)
+
+
 def step_batch(batch: dict, tasks) -> dict:
     """The pipeline's {'image_text': ..., 'text': ...} -> the step's flat batch keys (train_step.py)."""
     out = {}
@@ -197,6 +206,9 @@ def train(config, workdir: str) -> dict:
         if params is not None:
             state = load_initial_params(state, shardings, params, tx)
         start = 0
+        if config.get("text_lora") == "merged":  # fold the LoRA into the base weights once, at the start
+            state["params"] = jax.device_put(merged_text_lora(graphdef, state["params"]), shardings["params"])
+            origin += ", text LoRA merged"
     logging.info("starting at step %d from %s", start, origin)
     print(f"jclip-train: {origin}; steps {start} -> {config.total_steps} on mesh {dict(mesh.shape)}", flush=True)
 

@@ -133,3 +133,19 @@ def test_v2_stage_configs_validate(stage):
     local = module.get_config("runlocal")
     train_config.validate(local)
     assert local.model.text.hidden_size == 64 and tuple(local.loss.matryoshka_dims) == (16, 32, 64)
+
+
+def test_merged_mode_folds_the_lora_and_keeps_the_forward():
+    cfg = configs.tiny_v2()
+    abstract = nnx.eval_shape(lambda: JinaCLIP(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(abstract, nnx.Param)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: jax.numpy.asarray(rng.normal(size=x.shape).astype(np.float32) * 0.1), params)
+    ids = tiny_v2_batch(np.random.default_rng(1), 4)["text_query"]
+    before = np.asarray(nnx.merge(graphdef, params).text_features(ids))
+    merged = train.merged_text_lora(graphdef, params)
+    assert not np.asarray(merged["text_model"]["layers"]["wqkv"]["lora_b"][...]).any()
+    np.testing.assert_allclose(np.asarray(nnx.merge(graphdef, merged).text_features(ids)), before, atol=1e-5)
+    config = train_config.base_config(cfg, stage=1)
+    config.text_lora = "merged"  # the factors are then held fixed
+    assert train_config.optim_for_run(config).frozen == (r"^text_model/.*/lora_[ab]$",)
