@@ -2,6 +2,7 @@
 
     python bench/towers.py                       # jina-clip-v1 sizes, batch 4, fp32
     python bench/towers.py --model tiny --batch 32 --json
+    python bench/towers.py --model jina-clip-v2 --batch 1 --layers 4   # v2 towers (peer: timm EVA02-L/14), 4 deep
 
 Prints one line per measurement and, last, a JSON summary with the ratio jax/timm for the image tower
 (< 1 means we are faster). Needs the torch extra (torch==2.13.0 CPU, timm) for the peer.
@@ -67,10 +68,13 @@ def timm_eva_times(cfg, batch: int, iters: int) -> tuple[float, float]:
     timm = import_timm()
     v = cfg.vision
     grid = v.image_size // v.patch_size
+    # v2's EVA02-L/14 interpolates its RoPE grid to pt_hw_seq_len (timm's ref_feat_shape); v1's does not.
+    ref = v.pt_hw_seq_len if v.intp_freq else grid
+    name = "eva02_large_patch14_clip_224" if v.width == 1024 else "eva02_base_patch16_clip_224"
     model = timm.create_model(
-        "eva02_base_patch16_clip_224", pretrained=False, num_classes=0, img_size=v.image_size,
+        name, pretrained=False, num_classes=0, img_size=v.image_size,
         patch_size=v.patch_size, embed_dim=v.width, depth=v.layers, num_heads=v.width // v.head_width,
-        ref_feat_shape=(grid, grid))
+        ref_feat_shape=(ref, ref))
     x = torch.randn(batch, 3, v.image_size, v.image_size)
     model.eval()
 
@@ -92,11 +96,15 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=77)
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=None, help="override both towers' depth (CPU-sized runs)")
     parser.add_argument("--json", action="store_true", help="(the JSON summary is always the last line)")
     args = parser.parse_args(argv)
     cfg = configs.get(args.model)
+    if args.layers:
+        cfg.text.num_hidden_layers = cfg.vision.layers = args.layers
     model = JinaCLIP(cfg, rngs=nnx.Rngs(0))
-    res = {"model": args.model, "batch": args.batch, "seq_len": args.seq_len, "device": jax.devices()[0].platform,
+    res = {"model": args.model, "layers": args.layers or "full",
+           "batch": args.batch, "seq_len": args.seq_len, "device": jax.devices()[0].platform,
            "threads": os.cpu_count()}
     res["text_fwd_s"], res["text_fwd_bwd_s"] = jax_tower_times(model, "text", args.batch, args.seq_len, args.iters)
     print(f"jax text tower   fwd {res['text_fwd_s']:.4f}s  fwd+bwd {res['text_fwd_bwd_s']:.4f}s", flush=True)

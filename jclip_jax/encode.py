@@ -41,7 +41,7 @@ def pad_to_batch(x: np.ndarray, rows: int, pad_id: int | None = None) -> np.ndar
         return x
     pad = np.full((rows - x.shape[0], *x.shape[1:]), 0 if pad_id is None else pad_id, x.dtype)
     if pad_id is not None:
-        pad[:, 0] = 1
+        pad[:, 0] = 0 if pad_id != 0 else 1  # any id but the pad id (v1 pads with 0, v2 with 1)
     return np.concatenate([x, pad])
 
 

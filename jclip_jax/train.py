@@ -87,6 +87,7 @@ def check_paths_exist(config) -> None:
     named = {"data.image_text_dir": config.data.image_text_dir, "data.text_dir": config.data.text_dir,
              "data.tokenizer_path": config.data.tokenizer_path, "init.checkpoint": config.init.checkpoint,
              "init.eva02": config.init.eva02, "init.jina_bert": config.init.jina_bert,
+             "init.jina_embeddings_v3": config.init.get("jina_embeddings_v3"),
              "evals.image_text_dir": config.evals.image_text_dir, "evals.text_pairs_dir": config.evals.text_pairs_dir,
              **{f"data.image_text[{i}]": d for i, (d, _) in enumerate(config.data.get("image_text", ()))}}
     missing = [f"config.{k}={v!r}" for k, v in named.items()
@@ -123,13 +124,17 @@ def initial_params(config, abstract_params):
             return hf_layout.flax_params(model), f"jina-clip directory {init.checkpoint}"
         params, step = checkpoints.restore_params(init.checkpoint, abstract_params)
         return params, f"step {step} of {init.checkpoint}"
-    if init.eva02 or init.jina_bert:
+    v3 = init.get("jina_embeddings_v3")
+    if init.eva02 or init.jina_bert or v3:
         model = JinaCLIP(config.model, rngs=nnx.Rngs(config.seed))
         if init.eva02:
             towers.import_timm_eva02(model, read_weights(init.eva02), what=init.eva02)
         if init.jina_bert:
             towers.import_jina_bert_v2(model, read_weights(init.jina_bert), what=init.jina_bert)
-        return hf_layout.flax_params(model), f"towers eva02={init.eva02} jina_bert={init.jina_bert}"
+        if v3:
+            towers.import_jina_embeddings_v3(model, read_weights(v3), what=v3)
+        text = f"jina_embeddings_v3={v3}" if v3 else f"jina_bert={init.jina_bert}"
+        return hf_layout.flax_params(model), f"towers eva02={init.eva02} {text}"
     return None, "scratch"
 
 
@@ -186,6 +191,15 @@ def check_saves(mngr, step: int) -> None:
     except Exception as e:
         raise StopTraining(f"saving a checkpoint failed ({checkpoints.one_line(e)}); stopped at step {step}; "
                            f"the newest complete checkpoint is step {mngr.latest_step()}") from e
+
+
+def merged_text_lora(graphdef, params):
+    """params (nnx.State) with every text LoRA delta folded into its base weight and lora_b zeroed."""
+    from jclip_jax.models import lora
+
+    model = nnx.merge(graphdef, params)
+    lora.merge_lora(model)
+    return nnx.state(model, nnx.Param)
 
 
 def step_batch(batch: dict, tasks) -> dict:
@@ -248,6 +262,9 @@ def _train(config, workdir: str, cleanup: contextlib.ExitStack) -> dict:
         if params is not None:
             state = load_initial_params(state, shardings, params, tx)
         start = 0
+        if config.get("text_lora") == "merged":  # fold the LoRA into the base weights once, at the start
+            state["params"] = jax.device_put(merged_text_lora(graphdef, state["params"]), shardings["params"])
+            origin += ", text LoRA merged"
     logging.info("starting at step %d from %s", start, origin)
     if jax.process_index() == 0:
         print(f"jclip-train: {origin}; steps {start} -> {config.total_steps} on mesh {dict(mesh.shape)}"

@@ -45,6 +45,7 @@ def base_config(model: ml_collections.ConfigDict, stage: int) -> ml_collections.
     c.init.checkpoint = ml_collections.FieldReference(None, field_type=str)
     c.init.eva02 = ml_collections.FieldReference(None, field_type=str)
     c.init.jina_bert = ml_collections.FieldReference(None, field_type=str)
+    c.init.jina_embeddings_v3 = ml_collections.FieldReference(None, field_type=str)  # v2's text tower
 
     c.data = ml_collections.ConfigDict()
     c.data.image_text_dir = ""
@@ -255,6 +256,55 @@ def jina_clip_v1_stage(stage: int, arg: str | None = None):
     if arg == "runlocal":
         c.total_steps, c.optim.warmup_steps = 10, 2
         c.data.image_batch_size = c.data.text_batch_size = 8
+        c.log_every = c.checkpoint_every = 5
+        c.eval_every = 0
+    return c
+
+
+# ------------------------------------------------------------------ jina-clip-v2's recipe (arXiv 2412.08802)
+
+# stage: (image size, max length) as the paper states them (stage 1 short captions + text pairs at 224 px and
+# 77 tokens; stage 2 long captions at 384 px and 512 tokens; stage 3 hard-negative triplets at 512 px).
+V2_STAGE_SHAPES = {1: (224, 77), 2: (384, 512), 3: (512, 512)}
+# [chosen] peak lr, image-text batch, text batch, steps: not found in the sources read; v1's Table 2 values.
+V2_STAGE_SCHEDULE = {1: TABLE2[1][:4], 2: TABLE2[2][:4], 3: TABLE2[3][:4]}
+
+
+def jina_clip_v2_stage(stage: int, arg: str | None = None):
+    """jina-clip-v2's stage `stage`; 'runlocal' shrinks the model (tiny-v2), batches and steps for a smoke run.
+
+    The image size changes between stages (224 -> 384 -> 512): chaining a stage from the previous one needs
+    pos_embed resampled to the new grid, which `config.init.checkpoint` does not do (it fails naming
+    vision_model/pos_embed and both shapes).
+    """
+    image_size, max_length = V2_STAGE_SHAPES[stage]
+    lr, image_batch, text_batch, steps = V2_STAGE_SCHEDULE[stage]
+    model = model_configs.jina_clip_v2(dtype="bfloat16", remat=True, scan_layers=True)
+    model.vision.image_size = image_size
+    c = base_config(model, stage)
+    c.total_steps = steps
+    c.optim.peak_lr = lr
+    c.optim.warmup_steps = {1: 1_000, 2: 100, 3: 500}[stage]  # [chosen] as v1
+    c.data.image_batch_size, c.data.text_batch_size = image_batch, text_batch
+    c.data.image_max_length = c.data.text_max_length = max_length
+    # Matryoshka loss on jina-clip-v2's config.json `matryoshka_dimensions` [C]; equal weights [chosen].
+    c.loss.matryoshka_dims = tuple(model.matryoshka_dimensions)
+    c.loss.matryoshka_weights = (1.0,) * len(c.loss.matryoshka_dims)
+    # [chosen] full fine-tuning of the text tower with its LoRA. jina-clip-v2's config.json says
+    # lora_main_params_trainable: false; set text_lora='lora_only' to train only the LoRA factors of the text tower.
+    c.text_lora = "all"
+    c.data.image_text_dir = "data/image_text_short" if stage == 1 else "data/image_text_long"
+    c.data.text_dir = "data/text_pairs" if stage < 3 else "data/triplets"
+    c.data.tokenizer_path = "data/xlm_roberta_tokenizer.json"  # jina-embeddings-v3's tokenizer.json
+    c.evals.image_text_dir = "data/eval/flickr30k_test"
+    c.evals.text_pairs_dir = None
+    if arg == "runlocal":
+        c.model = model_configs.tiny_v2()
+        c.loss.matryoshka_dims = tuple(c.model.matryoshka_dimensions)
+        c.loss.matryoshka_weights = (1.0,) * len(c.loss.matryoshka_dims)
+        c.total_steps, c.optim.warmup_steps = 10, 2
+        c.data.image_batch_size = c.data.text_batch_size = 8
+        c.data.image_max_length = c.data.text_max_length = 32
         c.log_every = c.checkpoint_every = 5
         c.eval_every = 0
     return c

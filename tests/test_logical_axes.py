@@ -1,5 +1,6 @@
 """Every parameter carries logical axis names of its own rank, from the documented vocabulary."""
 
+import pytest
 from flax import nnx
 
 from jclip_jax import JinaCLIP
@@ -8,8 +9,10 @@ from jclip_jax.models import configs
 VOCABULARY = {"vocab", "embed", "heads", "kv", "mlp", "layers", None}
 
 
-def test_every_param_has_logical_names():
-    model = nnx.eval_shape(lambda: JinaCLIP(configs.tiny(add_projections=True), rngs=nnx.Rngs(0)))
+@pytest.mark.parametrize("make_config", [lambda: configs.tiny(add_projections=True), configs.tiny_v2],
+                         ids=["v1", "v2"])
+def test_every_param_has_logical_names(make_config):
+    model = nnx.eval_shape(lambda: JinaCLIP(make_config(), rngs=nnx.Rngs(0)))
     seen = set()
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         names = var.get_metadata().get("out_sharding")

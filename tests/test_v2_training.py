@@ -114,3 +114,38 @@ def test_tiny_v2_trains_with_matryoshka_and_a_truncated_embedding_retrieves(synt
     r1 = float(np.mean(np.argmax(text @ image.T, axis=1) == np.arange(32)))
     assert r1 > 4 / 32, r1  # chance is 1/32
     assert os.path.exists(out / "tokenizer.json")
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_v2_stage_configs_validate(stage):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "jina_clip_v2",
+                        f"stage{stage}.py")
+    spec = importlib.util.spec_from_file_location(f"v2_stage{stage}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    train_config.validate(config)
+    assert config.model.vision.image_size == {1: 224, 2: 384, 3: 512}[stage]  # the paper's per-stage resolution
+    assert config.data.text_max_length == {1: 77, 2: 512, 3: 512}[stage]
+    assert tuple(config.loss.matryoshka_dims) == (32, 64, 128, 256, 512, 768, 1024)
+    local = module.get_config("runlocal")
+    train_config.validate(local)
+    assert local.model.text.hidden_size == 64 and tuple(local.loss.matryoshka_dims) == (16, 32, 64)
+
+
+def test_merged_mode_folds_the_lora_and_keeps_the_forward():
+    cfg = configs.tiny_v2()
+    abstract = nnx.eval_shape(lambda: JinaCLIP(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(abstract, nnx.Param)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: jax.numpy.asarray(rng.normal(size=x.shape).astype(np.float32) * 0.1), params)
+    ids = tiny_v2_batch(np.random.default_rng(1), 4)["text_query"]
+    before = np.asarray(nnx.merge(graphdef, params).text_features(ids))
+    merged = train.merged_text_lora(graphdef, params)
+    assert not np.asarray(merged["text_model"]["layers"]["wqkv"]["lora_b"][...]).any()
+    np.testing.assert_allclose(np.asarray(nnx.merge(graphdef, merged).text_features(ids)), before, atol=1e-5)
+    config = train_config.base_config(cfg, stage=1)
+    config.text_lora = "merged"  # the factors are then held fixed
+    assert train_config.optim_for_run(config).frozen == (r"^text_model/.*/lora_[ab]$",)

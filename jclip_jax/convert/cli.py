@@ -2,6 +2,8 @@
 
   jclip-convert from-towers --model jina-clip-v1 --eva02 eva.safetensors --jina-bert bert.safetensors \
       --tokenizer tokenizer.json --output DIR
+  jclip-convert from-towers --model jina-clip-v2 --eva02 eva02_large_patch14_clip_224.safetensors \
+      --jina-embeddings-v3 jina-embeddings-v3.safetensors --tokenizer tokenizer.json --output DIR
       Assemble a jina-clip HF directory from pretrained towers (the paper's stage-1 init): the image
       tower from a timm EVA02 state dict, the text tower from a Jina-BERT-v2 state dict. A tower left out
       keeps its random init (and is reported).
@@ -51,7 +53,7 @@ def from_towers(args) -> dict:
     from flax import nnx
 
     from jclip_jax import JinaCLIP
-    from jclip_jax.convert.towers import import_jina_bert_v2, import_timm_eva02
+    from jclip_jax.convert.towers import import_jina_bert_v2, import_jina_embeddings_v3, import_timm_eva02
     from jclip_jax.models import configs
     from jclip_jax.tokenizer import TextTokenizer
 
@@ -62,9 +64,14 @@ def from_towers(args) -> dict:
         report["eva02_ignored_keys"] = import_timm_eva02(model, read_weights(args.eva02), what=args.eva02)
     else:
         report["random_init"].append("vision_model")
+    if args.jina_bert and args.jina_embeddings_v3:
+        raise ValueError("give one text tower: --jina-bert (jina-clip-v1) or --jina-embeddings-v3 (jina-clip-v2)")
     if args.jina_bert:
         report["jina_bert_ignored_keys"] = import_jina_bert_v2(model, read_weights(args.jina_bert),
                                                                what=args.jina_bert)
+    elif args.jina_embeddings_v3:
+        report["jina_embeddings_v3_ignored_keys"] = import_jina_embeddings_v3(
+            model, read_weights(args.jina_embeddings_v3), what=args.jina_embeddings_v3)
     else:
         report["random_init"].append("text_model")
     model.save_pretrained(args.output)
@@ -124,9 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("from-towers", help="assemble a jina-clip directory from pretrained towers")
-    p.add_argument("--model", default="jina-clip-v1", help="model config name: jina-clip-v1 | tiny")
-    p.add_argument("--eva02", help="timm EVA02 state dict (e.g. eva02_base_patch16_clip_224)")
-    p.add_argument("--jina-bert", help="Jina-BERT-v2 state dict")
+    p.add_argument("--model", default="jina-clip-v1",
+                   help="model config name: jina-clip-v1 | jina-clip-v2 | tiny | tiny-v2")
+    p.add_argument("--eva02", help="timm EVA02 state dict (eva02_base_patch16_clip_224 for v1, "
+                                   "eva02_large_patch14_clip_224 for v2)")
+    p.add_argument("--jina-bert", help="Jina-BERT-v2 state dict (v1's text tower)")
+    p.add_argument("--jina-embeddings-v3", help="jina-embeddings-v3 state dict (v2's text tower; with or without "
+                                                "LoRA parametrizations; its adapters are not imported)")
     p.add_argument("--tokenizer", help="tokenizer.json (or sentencepiece .model) to ship alongside")
     p.add_argument("--seed", type=int, default=0, help="init seed of anything not imported")
     p.add_argument("--output", required=True)

@@ -3,6 +3,8 @@
 - EVA02 from timm (`eva02_base_patch16_clip_224` key names) -> the image tower.
 - Jina-BERT-v2 in its original (non-flash) layout, e.g. jina-bert-v2-base-en / jina-embeddings-v2,
   -> the text tower. A state dict already in the flash-port layout of jina-clip is accepted too.
+- jina-embeddings-v3 (Jina-XLM-RoBERTa, xlm-roberta-flash-implementation key names, with or without LoRA
+  parametrizations) -> the v2 text tower's base weights.
 
 Both are renamed to jina-clip's own key layout and then go through the same table as from_pretrained.
 """
@@ -102,4 +104,39 @@ def import_jina_bert_v2(model, state_dict, what: str = "Jina-BERT-v2 state dict"
     """Load a Jina-BERT-v2 state dict into `model.text_model` in place; returns the ignored keys."""
     jina_sd, ignored = jina_bert_v2_to_jina(state_dict)
     _import_tower(model, jina_sd, torch_layout.text_layout(), what)
+    return ignored
+
+
+# jina-embeddings-v3 keys that are not part of the text tower (MLM head, pooler).
+JINA_V3_IGNORED = re.compile(r"^(lm_head\.|pooler\.|classifier\.)")
+
+
+def jina_embeddings_v3_to_jina(state_dict: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """jina-embeddings-v3 state dict -> ({jina-clip-v2 text_model.transformer.roberta.* plain key: array},
+    ignored keys).
+
+    Keys may carry the `roberta.` prefix (XLMRobertaLoRA) or not, and LoRA parametrizations or not: a
+    `parametrizations.weight.original` becomes the plain `.weight`; v3's own adapters (`...weight.0.lora_A/B`,
+    five tasks, alpha 1) are ignored, as jina-clip-v2 does (`load_trained_adapters: false`: its one rank-4
+    adapter starts from its init).
+    """
+    out, ignored = {}, []
+    for key, value in state_dict.items():
+        k = key[len("roberta."):] if key.startswith("roberta.") else key
+        if JINA_V3_IGNORED.match(k) or ".parametrizations.weight.0.lora_" in k:
+            ignored.append(key)
+            continue
+        k = k.replace(".parametrizations.weight.original", ".weight")
+        out["text_model.transformer.roberta." + k] = np.asarray(value)
+    return out, ignored
+
+
+def import_jina_embeddings_v3(model, state_dict, what: str = "jina-embeddings-v3 state dict") -> list[str]:
+    """Load jina-embeddings-v3's base weights into `model.text_model` (a v2 config) in place; the LoRA factors
+    keep their values. Returns the ignored keys."""
+    if model.cfg.text.get("model_type") != "xlm_roberta":
+        raise ValueError(f"{what}: jina-embeddings-v3 weights need a jina-clip-v2 model config (Jina-XLM-RoBERTa "
+                         "text tower)")
+    jina_sd, ignored = jina_embeddings_v3_to_jina(state_dict)
+    _import_tower(model, jina_sd, torch_layout.xlm_roberta_text_layout(lora=False), what)
     return ignored

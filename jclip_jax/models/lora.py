@@ -16,6 +16,8 @@ Training modes (train config `text_lora`, applied through `config.optim.frozen`,
   'lora_only'  the text tower's base weights are frozen (Jina's `lora_main_params_trainable: false`); only
                `lora_a`/`lora_b` (and the image tower, logit_scale) train; frozen weights hold no Adam moments
   'base_only'  the LoRA factors are held fixed; everything else trains (full fine-tuning, LoRA fixed)
+  'merged'     at the start of a run the LoRA deltas are folded into the base weights (`merge_lora`) and the
+               factors then held fixed (lora_b = 0): full fine-tuning of the merged tower
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from flax import nnx
 from jclip_jax.models.layers import ZEROS, logical, trunc_normal
 
 LORA_PARAM_NAMES = ("lora_a", "lora_b")
-TEXT_LORA_MODES = ("all", "lora_only", "base_only")
+TEXT_LORA_MODES = ("all", "lora_only", "base_only", "merged")
 
 
 def kaiming_uniform_fan_in():
@@ -139,10 +141,11 @@ def merge_lora(model) -> None:
 def frozen_patterns(mode: str) -> tuple[str, ...]:
     """`config.optim.frozen` regexes (searched in 'text_model/.../kernel' paths) for a text LoRA mode."""
     if mode not in TEXT_LORA_MODES:
-        raise ValueError(f"text_lora={mode!r}; known: {TEXT_LORA_MODES}")
+        raise ValueError(f"config.text_lora={mode!r}; known: {TEXT_LORA_MODES}")
     return {
         "all": (),
         # every text_model parameter whose own name is not lora_a / lora_b
         "lora_only": (r"^text_model/(?!.*/lora_[ab]$)",),
         "base_only": (r"^text_model/.*/lora_[ab]$",),
+        "merged": (r"^text_model/.*/lora_[ab]$",),
     }[mode]
