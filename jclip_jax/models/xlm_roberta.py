@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jclip_jax.models.layers import dropout, dtype_of, layer_norm, make_stacked, run_stacked
+from jclip_jax.models.layers import constrain_activation, dropout, dtype_of, layer_norm, make_stacked, run_stacked
 from jclip_jax.models.lora import LoRAEmbed, LoRALinear
 
 
@@ -78,12 +78,13 @@ class XLMRobertaBlock(nnx.Module):
     def __call__(self, h, cos, sin, key_mask, rng=None):
         """h: (B, L, D); cos/sin: (L, head_dim); key_mask: (B, L) bool, True = real token."""
         rng_attn, rng_mlp = (None, None) if rng is None else jax.random.split(rng)
-        qkv = self.wqkv(h)  # (B, L, 3, heads, head_dim)
+        qkv = constrain_activation(self.wqkv(h), "batch", None, None, "heads", None)  # (B, L, 3, heads, hd)
         q, k = apply_rope(qkv[:, :, 0], cos, sin), apply_rope(qkv[:, :, 1], cos, sin)
         attn = jax.nn.dot_product_attention(q, k, qkv[:, :, 2], mask=key_mask[:, None, None, :])
         attn = attn.reshape(*attn.shape[:2], -1)
         h = self.norm1(h + dropout(self.out_proj(attn), self.dropout_rate, rng_attn))
-        mlp = self.fc2(jax.nn.gelu(self.fc1(h), approximate=False))
+        hidden = constrain_activation(self.fc1(h), "batch", None, "mlp")  # (B, L, I)
+        mlp = self.fc2(jax.nn.gelu(hidden, approximate=False))
         return self.norm2(h + dropout(mlp, self.dropout_rate, rng_mlp))
 
 
