@@ -64,17 +64,17 @@ class Run:
         with open(self.logs[i]) as f:
             return f.read()
 
-    def wait(self, timeout=600) -> list[int]:
+    def wait(self, timeout=900) -> list[int]:
         deadline = time.time() + timeout
         for proc in self.procs:
             proc.wait(timeout=max(1, deadline - time.time()))
         return [proc.returncode for proc in self.procs]
 
-    def wait_ok(self, timeout=600) -> None:
+    def wait_ok(self, timeout=900) -> None:
         codes = self.wait(timeout)
         assert codes == [0] * len(codes), "\n".join(self.output(i)[-3000:] for i in range(len(codes)))
 
-    def wait_for(self, pattern: str, i: int = 0, timeout=300) -> None:
+    def wait_for(self, pattern: str, i: int = 0, timeout=900) -> None:
         start = time.time()
         while not re.search(pattern, self.output(i)):
             assert all(p.poll() is None for p in self.procs), self.output(i)[-3000:]
