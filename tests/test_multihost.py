@@ -76,7 +76,7 @@ class Run:
 
     def wait_for(self, pattern: str, i: int = 0, timeout=900) -> None:
         start = time.time()
-        while not re.search(pattern, self.output(i)):
+        while not re.search(pattern, self.output(i), re.M):
             assert all(p.poll() is None for p in self.procs), self.output(i)[-3000:]
             assert time.time() - start < timeout, f"no {pattern!r} in process {i}'s output"
             time.sleep(0.1)
