@@ -73,6 +73,8 @@ class Preemption:
 
     Several processes: jax's preemption sync point (all processes must call `reached` at every step,
     which the training loop does). One process: a local flag set by a SIGTERM handler.
+    Known gap: a SIGTERM that arrives before a resumed run's first step (while it compiles) was not
+    agreed on in a test (the run finished without saving early); mid-training notices are.
     """
 
     def __init__(self):
