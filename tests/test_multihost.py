@@ -192,8 +192,7 @@ def test_dead_peer_then_preemption_of_one_process_then_exact_resume(setup, refer
 
     # 2. both dead; restarted, SIGTERM reaches process 1 only: both save the same step and exit 0
     run = Run(workdir, 2, overrides)
-    # mid-training (jax's sync point is agreed from the steps the processes report after the notice; a
-    # notice before a resumed run's first step is not agreed on: see distributed.Preemption)
+    # mid-training here; distributed.Preemption also covers a notice that arrives before the first step
     run.wait_for(r"^step 6:")
     run.procs[1].send_signal(signal.SIGTERM)
     run.wait_ok()
