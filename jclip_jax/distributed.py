@@ -73,11 +73,15 @@ class Preemption:
 
     Several processes: jax's preemption sync point (all processes must call `reached` at every step,
     which the training loop does). One process: a local flag set by a SIGTERM handler.
+    The sync point gets this run's call count (1, 2, ...), not the global step: the runtime agrees on
+    (largest count reported after the notice) + 1, from 0 before the first call, so a notice that arrives
+    while a resumed run compiles would name count 1, a step the run (at step 5, say) never calls with.
     """
 
     def __init__(self):
         self.multi_process = jax.process_count() > 1
         self._requested = False
+        self._calls = 0
         self._previous = None
         if not self.multi_process:  # a Python handler would replace the sync manager's own
             self._previous = signal.signal(signal.SIGTERM, self._handle)
@@ -96,7 +100,8 @@ class Preemption:
         if self.multi_process:
             from jax.experimental import multihost_utils
 
-            return multihost_utils.reached_preemption_sync_point(step)
+            self._calls += 1
+            return multihost_utils.reached_preemption_sync_point(self._calls)
         return self._requested
 
     def close(self) -> None:
