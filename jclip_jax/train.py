@@ -20,6 +20,7 @@ import threading
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
@@ -122,6 +123,9 @@ def initial_params(config, abstract_params):
         if os.path.exists(os.path.join(init.checkpoint, "config.json")):
             model = JinaCLIP.from_pretrained(init.checkpoint)
             return hf_layout.flax_params(model), f"jina-clip directory {init.checkpoint}"
+        saved_model = checkpoints.restore_config(init.checkpoint).model
+        if saved_model.vision.image_size != config.model.vision.image_size:  # restored at its own shapes
+            abstract_params = nnx.state(nnx.eval_shape(lambda: JinaCLIP(saved_model, rngs=nnx.Rngs(0))), nnx.Param)
         params, step = checkpoints.restore_params(init.checkpoint, abstract_params)
         return params, f"step {step} of {init.checkpoint}"
     v3 = init.get("jina_embeddings_v3")
@@ -142,12 +146,28 @@ def load_initial_params(state, shardings, params, tx):
     """A fresh train state (new optimizer, step 0) around `params` (an nnx.State or flat dict)."""
     if isinstance(params, nnx.State):
         params = hf_layout.flat_values(params)
+    params = resample_image_positions(params, state["params"])
     params = hf_layout.with_values(state["params"], params,
                                    what="config.init (does config.model match the initial weights?)")
     params = jax.device_put(params, shardings["params"])
     opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
     return {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.zeros((), jnp.int32),
                                                                            shardings["step"])}
+
+
+def resample_image_positions(params: dict, target_params) -> dict:
+    """Initial weights from a run at another image size (the next stage of a multi-resolution recipe): their
+    `vision_model/pos_embed` resampled to this model's grid (eva02.resample_pos_embed); other params as given."""
+    from jclip_jax.models.eva02 import resample_pos_embed
+
+    key = ("vision_model", "pos_embed")
+    target = target_params["vision_model"]["pos_embed"]
+    if key not in params or tuple(np.shape(params[key])) == tuple(target.shape):
+        return params
+    grid = int(round((target.shape[1] - 1) ** 0.5))
+    print(f"jclip-train: resampling vision_model/pos_embed {tuple(np.shape(params[key]))} -> {tuple(target.shape)} "
+          "for this image size", flush=True)
+    return {**params, key: resample_pos_embed(np.asarray(params[key]), grid)}
 
 
 class StopWaitingForData(Exception):

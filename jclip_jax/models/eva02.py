@@ -27,6 +27,26 @@ from jclip_jax.models.layers import (
 )
 
 
+def resample_pos_embed(pos_embed: np.ndarray, grid: int) -> np.ndarray:
+    """Absolute position embeddings for another grid (a later stage at a higher resolution, e.g. v2's
+    224 -> 384 -> 512 px): (1, 1 + g*g, W) -> (1, 1 + grid*grid, W), float32.
+
+    The CLS row is kept; the g x g patch rows are resized bicubically as an image (timm's
+    `resample_abs_pos_embed` does the same in torch; jax.image.resize's cubic kernel is Keys' a = -0.5,
+    torch's a = -0.75, so values differ slightly from timm's: this is an initialisation, not a conversion).
+    RoPE needs nothing: its tables are computed from the grid (`intp_freq` rescales positions to pt_hw_seq_len).
+    """
+    pos_embed = np.asarray(pos_embed, np.float32)
+    n, width = pos_embed.shape[1] - 1, pos_embed.shape[2]
+    g = int(round(n ** 0.5))
+    if g * g != n:
+        raise ValueError(f"pos_embed {pos_embed.shape}: {n} patch rows are not a square grid")
+    if g == grid:
+        return pos_embed
+    patches = jax.image.resize(pos_embed[0, 1:].reshape(g, g, width), (grid, grid, width), "bicubic")
+    return np.concatenate([pos_embed[:, :1], np.asarray(patches).reshape(1, grid * grid, width)], axis=1)
+
+
 def rope_tables(grid: int, head_dim: int, pt_hw_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """2-D RoPE (cos, sin), float32 (grid*grid, head_dim), rows in row-major patch order.
 
