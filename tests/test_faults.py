@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jclip_jax import checkpoints, optim, sharding, train, train_config, train_step, workdir_lock
+from jclip_jax import checkpoints, distributed, optim, sharding, train, train_config, train_step, workdir_lock
 from jclip_jax.data import records, synthetic
 from jclip_jax.models import configs
 from jclip_jax.models.clip import JinaCLIP
@@ -290,7 +290,7 @@ def test_sigterm_while_waiting_for_data_returns_within_seconds():
             while True:
                 time.sleep(0.05)
 
-    preemption = train.Preemption()
+    preemption = distributed.Preemption()  # one process: the SIGTERM handler sets .requested
     try:
         threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
         start = time.monotonic()

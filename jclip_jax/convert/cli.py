@@ -109,7 +109,7 @@ def check(args) -> dict:
     hf_layout.read_config(args.directory)  # config.json first: its errors name the directory
     weights = os.path.join(args.directory, hf_layout.WEIGHTS_FILE)
     state_dict = hf_layout.read_state_dict(weights)
-    mapped = {k for k in state_dict if not k.startswith(torch_layout.IGNORED_KEY_PREFIXES)}  # all float slots
+    mapped = {k for k in state_dict if not torch_layout.is_ignored_key(k)}  # all float slots
     problems = hf_layout.tensor_problems(state_dict, mapped)
     if problems:
         raise ValueError(f"{weights}: {len(problems)} bad tensor(s): " + "; ".join(problems[:5]) +

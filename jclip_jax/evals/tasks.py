@@ -100,14 +100,10 @@ def _load_image_text(spec: dict) -> dict:
         paths = [p for entry in manifest["datasets"].values() for p in entry["paths"]]
         items = ((r["image"], r["captions"]) for r in map(records.decode, grain.sources.ArrayRecordDataSource(paths)))
     else:  # a Karpathy split file (or COCO captions JSON) + the image folder
-        with open(spec["data"], encoding="utf-8") as f:
-            try:
-                annotations = json.load(f)
-            except ValueError as e:
-                raise ValueError(f"{spec['data']!r} is not valid JSON: {e}") from e
         # the reader jclip-prepare --format coco uses: (image file, captions) or Skip
+        coco = sources.SourceSpec(format="coco", split=spec.get("split", "test"))
         items = [item if isinstance(item, sources.Skip) else (os.path.join(spec["images"], item[0]), item[1])
-                 for item in sources._coco_items(annotations, spec["data"], spec.get("split", "test"))]
+                 for item in sources._coco_items(spec["data"], coco)]
     for item in items:
         if isinstance(item, sources.Skip):
             skipped += 1
