@@ -273,9 +273,8 @@ V2_STAGE_SCHEDULE = {1: TABLE2[1][:4], 2: TABLE2[2][:4], 3: TABLE2[3][:4]}
 def jina_clip_v2_stage(stage: int, arg: str | None = None):
     """jina-clip-v2's stage `stage`; 'runlocal' shrinks the model (tiny-v2), batches and steps for a smoke run.
 
-    The image size changes between stages (224 -> 384 -> 512): chaining a stage from the previous one needs
-    pos_embed resampled to the new grid, which `config.init.checkpoint` does not do (it fails naming
-    vision_model/pos_embed and both shapes).
+    The image size changes between stages (224 -> 384 -> 512): `config.init.checkpoint` of the previous stage
+    loads with vision_model/pos_embed resampled to the new grid (train.resample_image_positions).
     """
     image_size, max_length = V2_STAGE_SHAPES[stage]
     lr, image_batch, text_batch, steps = V2_STAGE_SCHEDULE[stage]

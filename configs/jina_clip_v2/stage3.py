@@ -13,6 +13,6 @@ from jclip_jax.train_config import jina_clip_v2_stage
 
 def get_config(arg=None):
     c = jina_clip_v2_stage(3, arg)
-    if arg != "runlocal":  # the previous stage's workdir; its pos_embed grid differs (see the module docstring)
+    if arg != "runlocal":  # the previous stage's workdir; pos_embed is resampled to this grid at load
         c.init.checkpoint = "workdirs/jina_clip_v2_stage2"
     return c
