@@ -1,4 +1,4 @@
-"""The scaling table (docs/scaling.md): each v1 stage compiled for several TPU topologies with jclip-compile.
+"""The scaling table (docs/scaling.md): each v1 (and v2) stage compiled for several TPU topologies with jclip-compile.
 
     python bench/scaling.py                                   # every stage x topology x remat, then the table
     python bench/scaling.py --stages 1 --topologies v5p:4x4x4,v5e:16x16 --remat on
@@ -30,6 +30,7 @@ GIB = 1024**3
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="v1", help="v1, v2 or v1,v2 (configs/jina_clip_<model>/stage<N>.py)")
     p.add_argument("--stages", default="1,2,3")
     p.add_argument("--topologies", default=",".join(TOPOLOGIES))
     p.add_argument("--remat", default="on,off", help="on, off, dots (remat with the 'dots' policy)")
@@ -48,11 +49,11 @@ REMAT = {"on": ["--config.model.remat=True"], "off": ["--config.model.remat=Fals
          "dots": ["--config.model.remat=True", "--config.model.remat_policy=dots"]}
 
 
-def run_one(stage: int, topology: str, remat: str, args) -> str:
-    name = f"v1_stage{stage}_{NAMES.get(topology, topology.replace(':', '_'))}_remat-{remat}"
+def run_one(model: str, stage: int, topology: str, remat: str, args) -> str:
+    name = f"{model}_stage{stage}_{NAMES.get(topology, topology.replace(':', '_'))}_remat-{remat}"
     name += f"_{args.name}" if args.name else ""
     out = os.path.join(args.out, name + ".json")
-    cmd = [sys.executable, "-m", "jclip_jax.compile.cli", f"--config={ROOT}/configs/jina_clip_v1/stage{stage}.py",
+    cmd = [sys.executable, "-m", "jclip_jax.compile.cli", f"--config={ROOT}/configs/jina_clip_{model}/stage{stage}.py",
            f"--topology={topology}", f"--json={out}", f"--hlo={out[:-5]}.hlo.txt", *REMAT[remat],
            *[f"--config.{e}" for e in args.extra]]
     env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1", JAX_PLATFORMS="cpu")
@@ -107,10 +108,11 @@ def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if not args.render:
-        for stage in [int(s) for s in args.stages.split(",")]:
-            for topology in args.topologies.split(","):
-                for remat in args.remat.split(","):
-                    run_one(stage, topology, remat, args)
+        for model in args.models.split(","):
+            for stage in [int(s) for s in args.stages.split(",")]:
+                for topology in args.topologies.split(","):
+                    for remat in args.remat.split(","):
+                        run_one(model, stage, topology, remat, args)
     write_doc(args)
 
 
