@@ -76,6 +76,30 @@ def test_hlo_flops_count_loop_trip_counts_on_a_calibration_program():
     assert compiled.cost_analysis()["flops"] < 0.5 * analysis.matmul_flops  # one trip per loop
 
 
+def test_fsdp_weight_gradient_is_counted_as_a_reduce_scatter():
+    """A weight sharded over the devices that also split the batch (FSDP): its gradient is a partial sum
+    per device, reduced and kept sharded. On TPU XLA emits that as an `all-reduce-scatter` fusion around an
+    all-reduce; the analysis must count it as one reduce-scatter of the full gradient, not an all-reduce,
+    and the forward's weight all-gather as one all-gather of the full weight."""
+    mesh = topology.make_mesh((("fsdp", -1),), topology.topology_devices(TOPOLOGY))
+    m, k = 64, 512
+
+    def weight_grad(w, x):
+        return jax.grad(lambda w: jnp.sum(jnp.tanh(x @ w.astype(jnp.bfloat16)).astype(jnp.float32)))(w)
+
+    sharded = NamedSharding(mesh, P("fsdp", None))
+    args = (jax.ShapeDtypeStruct((k, k), jnp.float32, sharding=sharded),
+            jax.ShapeDtypeStruct((m, k), jnp.bfloat16, sharding=sharded))
+    compiled = jax.jit(weight_grad, out_shardings=sharded).lower(*args).compile()
+    collectives = hlo.analyze(compiled.as_text()).collectives
+    assert "all-reduce" not in collectives
+    # The gradient of the bf16 copy, reduced before its cast back to f32 (XLA's choice) or after it.
+    assert collectives["reduce-scatter"]["count"] == 1
+    assert collectives["reduce-scatter"]["bytes"] in (k * k * 2, k * k * 4)
+    assert collectives["all-gather"]["count"] == 1
+    assert collectives["all-gather"]["bytes"] in (k * k * 2, k * k * 4)  # gathered as bf16 or f32
+
+
 def test_report_matches_the_compiled_programs_own_analyses(compiled_tiny):
     step, r = compiled_tiny
     mem = step.compiled.memory_analysis()

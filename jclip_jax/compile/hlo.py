@@ -1,5 +1,6 @@
 """Read a compiled program's HLO text: matmul FLOPs counted with loop trip counts, their dtype mix, the
-collectives and an estimate of HBM traffic (operands and results of the unfused instructions, slices of
+collectives (bytes: the full, unsharded size of the array each one gathers or reduces) and an estimate of
+HBM traffic (operands and results of the unfused instructions, slices of
 in-place buffers counted as slices), all per device.
 
 Why hand-written: XLA's `cost_analysis()` counts a while-loop body once, and this model runs almost
@@ -350,6 +351,10 @@ def analyze(text: str) -> Analysis:
                     key += f" ({precision.group(1).lower()})"
                 result.dtype_mix[key] += times * flops
             kind = op.removesuffix("-start")
+            if kind == "all-reduce" and name.startswith("all-reduce-scatter"):
+                # TPU's reduce-scatter: a kCustom fusion `all-reduce-scatter.N` wrapping an all-reduce and
+                # the dynamic-slices of its result; its all-reduce moves reduce-scatter traffic.
+                kind = "reduce-scatter"
             if kind in COLLECTIVES and not op.endswith("-done"):
                 operand_bytes = sum(shapes[o].bytes for o in instr.operands if o in shapes)
                 result_bytes = instr.bytes - operand_bytes if op.endswith("-start") else instr.bytes
