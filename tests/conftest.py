@@ -1,6 +1,8 @@
 """Test set-up: a virtual 8-device CPU mesh, set before jax is imported anywhere."""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -8,3 +10,18 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# One persistent XLA compilation cache for the run, shared by the pytest workers and the jclip-train /
+# jclip-eval subprocesses they start (they inherit the environment): many tests compile the same demo
+# programs (about a minute each on 2 cores). tests/test_multihost.py strips JAX_* from its processes: there
+# a cache hit in one process while its peer still compiles can miss gloo's 30 s window for the first
+# collective. The directory is made by the first process that imports this file (the xdist controller,
+# whose environment the workers inherit) and removed by that process at the end.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jclip-tests-xla-cache-")
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE and not hasattr(config, "workerinput"):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

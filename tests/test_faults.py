@@ -46,25 +46,6 @@ def demo_config(synthetic_dir, **overrides):
     return config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """The runs here compile the same programs: a persistent cache makes every run after the first cheap
-    (~10 s of CPU instead of ~70 s). reset_cache() because this worker may have compiled before."""
-    from jax._src import compilation_cache as cache
-
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    old = {k: getattr(jax.config, k) for k in keys}
-    path = str(tmp_path_factory.mktemp("jax_cache"))
-    for k, v in zip(keys, (path, 0, 0), strict=True):
-        jax.config.update(k, v)
-    cache.reset_cache()
-    yield path
-    for k, v in old.items():
-        jax.config.update(k, v)
-    cache.reset_cache()
-
-
 @pytest.fixture(scope="module")
 def synthetic_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")

@@ -68,6 +68,8 @@ class Analysis:
     matmul_flops_once: float = 0.0  # every loop body counted once (what cost_analysis() does)
     dtype_mix: dict = dataclasses.field(default_factory=collections.Counter)  # 'bf16 x bf16 -> f32' -> FLOPs
     collectives: dict = dataclasses.field(default_factory=dict)  # kind -> {'count': n, 'bytes': b}
+    # 'kind shape' (layout dropped) -> {'count': n, 'bytes': b}: which arrays the traffic is made of
+    collective_arrays: dict = dataclasses.field(default_factory=dict)
     hbm_bytes: float = 0.0
     loops: list = dataclasses.field(default_factory=list)  # (while name, trip count)
     unknown_trip_counts: list = dataclasses.field(default_factory=list)
@@ -358,9 +360,11 @@ def analyze(text: str) -> Analysis:
             if kind in COLLECTIVES and not op.endswith("-done"):
                 operand_bytes = sum(shapes[o].bytes for o in instr.operands if o in shapes)
                 result_bytes = instr.bytes - operand_bytes if op.endswith("-start") else instr.bytes
-                entry_ = result.collectives.setdefault(kind, {"count": 0, "bytes": 0.0})
-                entry_["count"] += times
-                entry_["bytes"] += times * max(result_bytes, operand_bytes)
+                array = f"{kind} " + re.sub(r"\{[^{}]*\}", "", instr.shape).replace(" ", "")
+                for entry_ in (result.collectives.setdefault(kind, {"count": 0, "bytes": 0.0}),
+                               result.collective_arrays.setdefault(array, {"count": 0, "bytes": 0.0})):
+                    entry_["count"] += times
+                    entry_["bytes"] += times * max(result_bytes, operand_bytes)
             if name not in fused and op not in NO_TRAFFIC and not op.endswith("-done"):
                 result.hbm_bytes += times * _traffic(instr, shapes, computations)
     result.dtype_mix = dict(result.dtype_mix)

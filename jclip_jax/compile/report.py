@@ -126,6 +126,7 @@ def build_report(step, topology_name: str, num_slices: int = 1) -> dict:
         "loops": len(analysis.loops),
         "dtype_mix": {k: v / mix_total for k, v in sorted(analysis.dtype_mix.items(), key=lambda kv: -kv[1])},
         "collectives": analysis.collectives, "collective_bytes": analysis.collective_bytes,
+        "largest_collectives": dict(sorted(analysis.collective_arrays.items(), key=lambda kv: -kv[1]["bytes"])[:8]),
         "hbm_traffic_bytes": analysis.hbm_bytes,
         "roofline": {"compute_s": compute_s, "memory_s": memory_s, "step_s_lower_bound": bound,
                      "pairs_per_s_upper_bound": (d.image_batch_size + text_batch) / bound if bound else 0.0,
@@ -174,6 +175,8 @@ def format_report(r: dict) -> str:
     coll = ", ".join(f"{k} x{c['count']:.0f} {_gib(c['bytes'])}" for k, c in r["collectives"].items())
     lines.append(f"  collectives per step: {coll or 'none'}; total {_gib(r['collective_bytes'])} "
                  f"(2 x param bytes = {_gib(2 * r['param_bytes_total'])})")
+    for array, c in list(r.get("largest_collectives", {}).items())[:5]:
+        lines.append(f"    {_gib(c['bytes'])} in {c['count']:.0f} x {array[:100]}")
     rf = r["roofline"]
     lines.append(f"  roofline: compute {rf['compute_s'] * 1e3:.1f} ms, HBM traffic {_gib(r['hbm_traffic_bytes'])} "
                  f"-> {rf['memory_s'] * 1e3:.1f} ms; step >= {rf['step_s_lower_bound'] * 1e3:.1f} ms, "
