@@ -25,6 +25,8 @@ from jclip_jax.data import records, synthetic
 from jclip_jax.models import configs
 from jclip_jax.models.clip import JinaCLIP
 
+pytestmark = pytest.mark.xdist_group("test_faults")  # its module fixtures run once (pyproject addopts)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
 
@@ -212,6 +214,7 @@ def test_changed_config_on_resume(trained, synthetic_dir, tmp_path):
 HOLD_LOCK = """
 import sys, time
 from jclip_jax import workdir_lock
+
 with workdir_lock.hold(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(120)
