@@ -16,6 +16,7 @@ falls back to the newest checkpoint that verifies and moves the bad ones to WORK
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
@@ -26,12 +27,23 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+
 # Orbax's replica-parallel save splits each replicated array into one slice per replica (so that several
 # hosts or chips share its device-to-host copy), and each slice is a jax op compiled for its shape: about 160
 # small compiles, 12 s of a demo run's first save on a CPU host, for arrays where splitting gains nothing.
 # Only arrays whose per-replica slice would reach 4 MiB are split.
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=4 << 20), override=True)
+def _register_array_handler() -> None:
+    absl_logger = logging.getLogger("absl")  # orbax warns that it overrides its default handler: intended
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=4 << 20), override=True)
+    finally:
+        absl_logger.setLevel(level)
+
+
+_register_array_handler()
 
 
 class CheckpointCorrupt(ValueError):

@@ -26,3 +26,14 @@ if _OWN_CACHE:
 def pytest_unconfigure(config):
     if _OWN_CACHE and not hasattr(config, "workerinput"):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+
+# The multi-process trainer tests take the longest (about 7 minutes of one pytest worker): start them first, so
+# that the other worker runs everything else meanwhile (with `--dist loadscope`, pyproject addopts: each
+# module on one worker, so module fixtures that train or compile run once).
+LONGEST_FIRST = ("tests/test_multihost.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not item.nodeid.startswith(LONGEST_FIRST))

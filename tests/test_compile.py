@@ -19,8 +19,6 @@ from jax.sharding import PartitionSpec as P
 from jclip_jax import flops
 from jclip_jax.compile import hlo, program, report, topology
 
-pytestmark = pytest.mark.xdist_group("test_compile")  # its module fixtures run once (pyproject addopts)
-
 pytest.importorskip("libtpu", reason="needs the tpu extra (pip install -e '.[tpu]')")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

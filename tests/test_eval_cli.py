@@ -17,8 +17,6 @@ from jclip_jax.evals import cli
 from jclip_jax.models import configs
 from jclip_jax.tokenizer import TextTokenizer
 
-pytestmark = pytest.mark.xdist_group("test_eval_cli")  # its module fixtures run once (pyproject addopts)
-
 OBJECTS = [("small", "red", "circle", "top left"), ("large", "blue", "square", "bottom right"),
            ("large", "green", "triangle", "top right"), ("small", "yellow", "square", "bottom left")]
 

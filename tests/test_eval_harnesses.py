@@ -16,8 +16,6 @@ from jclip_jax.evals import cli
 from jclip_jax.models import configs
 from jclip_jax.tokenizer import TextTokenizer
 
-pytestmark = pytest.mark.xdist_group("test_eval_harnesses")  # its module fixtures run once (pyproject addopts)
-
 COLOURS = ("blue", "cyan", "green", "red", "yellow", "purple")
 DOCS = ["a small red circle in the top left", "a large blue square in the bottom right",
         "the quick brown fox", "a green triangle at the top", "a purple circle", "two yellow stars"]

@@ -25,8 +25,6 @@ from jclip_jax.data import records, synthetic
 from jclip_jax.models import configs
 from jclip_jax.models.clip import JinaCLIP
 
-pytestmark = pytest.mark.xdist_group("test_faults")  # its module fixtures run once (pyproject addopts)
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
 

@@ -24,8 +24,6 @@ import pytest
 
 from jclip_jax.data import synthetic
 
-pytestmark = pytest.mark.xdist_group("test_multihost")  # its module fixtures run once (pyproject addopts)
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
 STEPS = 12

@@ -17,8 +17,6 @@ from jclip_jax.data import synthetic
 from jclip_jax.models import configs, lora
 from jclip_jax.tokenizer import TextTokenizer
 
-pytestmark = pytest.mark.xdist_group("test_v2_training")  # its module fixtures run once (pyproject addopts)
-
 
 def loss_config(**overrides):
     c = dict(stage=1, tasks=(), implementation="plain", tile_size=None, text_temperature=0.05,
