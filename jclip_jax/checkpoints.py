@@ -203,8 +203,8 @@ def _leaf_digest(x: jax.Array) -> jax.Array:
 
 
 # Jitted per array rather than over the whole tree: the compiled programs are shared by every array of the
-# same shape, dtype and sharding (params, Adam's mu and nu), where one program per tree took ~20-40 s to
-# compile on a CPU host for the demo model alone.
+# same shape, dtype and sharding (params, Adam's mu and nu, the check at restore), so the optimizer state
+# adds no compiles; one program per tree was a separate multi-second compile for each tree on a CPU host.
 _leaf_digest_jit = jax.jit(_leaf_digest)
 
 

@@ -28,7 +28,6 @@ def pytest_unconfigure(config):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
-
 # The multi-process trainer tests take the longest (about 7 minutes of one pytest worker): start them first, so
 # that the other worker runs everything else meanwhile (with `--dist loadscope`, pyproject addopts: each
 # module on one worker, so module fixtures that train or compile run once).
