@@ -117,7 +117,15 @@ def test_report_matches_the_compiled_programs_own_analyses(compiled_tiny):
     # bf16 towers: bf16 x bf16 matmuls carry almost all FLOPs; the loss's are float32 at 'highest'.
     mix = r["dtype_mix"]
     assert sum(v for key, v in mix.items() if key.startswith("bf16 x bf16")) > 0.9
-    assert any(key.startswith("f32 x f32") and key.endswith("(highest)") for key in mix)
+    highest = [key for key in mix if key.startswith("f32 x f32") and key.endswith("(highest)")]
+    assert highest
+    # Each matmul outside the main mix is traced to the Python line that made it (the HLO's stack frames):
+    # the 'highest' ones to the loss, the tower's f32-logit attention ones to the towers' attention calls.
+    sources = r["matmul_sources"]
+    assert set(sources) == set(mix) - {max(mix, key=mix.get)}
+    assert all(name.startswith("losses.py:") for key in highest for name in sources[key])
+    for key in sources.keys() - set(highest):
+        assert all(name.startswith("models/") and "BTNH,BSNH->BNTS" in name for name in sources[key]), sources
     # Pure data parallelism: gradients all-reduced; every parameter replicated.
     assert r["collectives"]["all-reduce"]["count"] >= 1
     assert r["replicated_fraction"] == 1.0 and r["replicated_params"] == []

@@ -67,7 +67,8 @@ class Analysis:
     matmul_flops: float = 0.0
     matmul_flops_once: float = 0.0  # every loop body counted once (what cost_analysis() does)
     dtype_mix: dict = dataclasses.field(default_factory=collections.Counter)  # 'bf16 x bf16 -> f32' -> FLOPs
-    collectives: dict = dataclasses.field(default_factory=dict)  # kind -> {'count': n, 'bytes': b}
+    # the same key -> {'file.py:line function [jax op_name]': FLOPs}: the Python line each mix comes from
+    matmul_sources: dict = dataclasses.field(default_factory=dict)
     # 'kind shape' (layout dropped) -> {'count': n, 'bytes': b}: which arrays the traffic is made of
     collective_arrays: dict = dataclasses.field(default_factory=dict)
     hbm_bytes: float = 0.0
@@ -75,8 +76,18 @@ class Analysis:
     unknown_trip_counts: list = dataclasses.field(default_factory=list)
 
     @property
+    def collectives(self) -> dict:
+        """kind -> {'count': n, 'bytes': b}, summed over `collective_arrays`."""
+        kinds: dict = {}
+        for array, c in self.collective_arrays.items():
+            entry = kinds.setdefault(array.split(" ", 1)[0], {"count": 0, "bytes": 0.0})
+            entry["count"] += c["count"]
+            entry["bytes"] += c["bytes"]
+        return kinds
+
+    @property
     def collective_bytes(self) -> float:
-        return sum(c["bytes"] for c in self.collectives.values())
+        return sum(c["bytes"] for c in self.collective_arrays.values())
 
 
 def _balanced(text: str, start: int) -> int:
@@ -144,6 +155,39 @@ def parse(text: str) -> tuple[dict[str, list[Instruction]], str]:
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
     return computations, entry
+
+
+_TABLES = ("FileNames", "FunctionNames", "FileLocations", "StackFrames")
+
+
+def source_lines(text: str) -> dict[int, str]:
+    """stack_frame_id -> 'file.py:line function' of the Python line that traced the op.
+
+    The module text opens with jax's tables of file names, function names, locations and stack frames; the
+    frame an instruction's metadata names is the innermost user frame (jax filters its own), e.g.
+    'models/eva02.py:109 EvaBlock.attention'. Files inside the package are shown relative to it."""
+    tables: dict[str, dict[int, str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line in _TABLES:
+            current = tables.setdefault(line, {})
+        elif current is not None and line[:1].isdigit():
+            key, value = line.split(" ", 1)
+            current[int(key)] = value.strip().strip('"')
+        elif current is not None:
+            current = None
+            if len(tables) == len(_TABLES):
+                break
+    files, functions = tables.get("FileNames", {}), tables.get("FunctionNames", {})
+    lines = {}
+    for frame, value in tables.get("StackFrames", {}).items():
+        location = re.search(r"file_location_id=(\d+)", value)
+        where = re.search(r"file_name_id=(\d+) function_name_id=(\d+) line=(\d+)",
+                          tables["FileLocations"].get(int(location.group(1)), "")) if location else None
+        if where:
+            path = files.get(int(where.group(1)), "?").split("/jclip_jax/")[-1]
+            lines[frame] = f"{path}:{where.group(3)} {functions.get(int(where.group(2)), '?')}"
+    return lines
 
 
 def _callees(instr: Instruction) -> list[tuple[str, str]]:
@@ -333,6 +377,7 @@ def _traffic(instr: Instruction, shapes: dict, computations: dict) -> float:
 
 def analyze(text: str) -> Analysis:
     computations, entry = parse(text)
+    lines = source_lines(text)
     mult, fused, loops, unknown = multipliers(computations, entry)
     result = Analysis(loops=loops, unknown_trip_counts=unknown)
     for name, instrs in computations.items():
@@ -352,6 +397,12 @@ def analyze(text: str) -> Analysis:
                 if precision and precision.group(1).lower() != "default":
                     key += f" ({precision.group(1).lower()})"
                 result.dtype_mix[key] += times * flops
+                frame = re.search(r"stack_frame_id=(\d+)", instr.attrs)
+                op_name = re.search(r'op_name="(?:jit\([^)]*\)/)?([^"]*)"', instr.attrs)
+                source = lines.get(int(frame.group(1)), "?") if frame else "?"
+                source += f" [{op_name.group(1)}]" if op_name else ""
+                sources = result.matmul_sources.setdefault(key, collections.Counter())
+                sources[source] += times * flops
             kind = op.removesuffix("-start")
             if kind == "all-reduce" and name.startswith("all-reduce-scatter"):
                 # TPU's reduce-scatter: a kCustom fusion `all-reduce-scatter.N` wrapping an all-reduce and
@@ -361,11 +412,11 @@ def analyze(text: str) -> Analysis:
                 operand_bytes = sum(shapes[o].bytes for o in instr.operands if o in shapes)
                 result_bytes = instr.bytes - operand_bytes if op.endswith("-start") else instr.bytes
                 array = f"{kind} " + re.sub(r"\{[^{}]*\}", "", instr.shape).replace(" ", "")
-                for entry_ in (result.collectives.setdefault(kind, {"count": 0, "bytes": 0.0}),
-                               result.collective_arrays.setdefault(array, {"count": 0, "bytes": 0.0})):
-                    entry_["count"] += times
-                    entry_["bytes"] += times * max(result_bytes, operand_bytes)
+                entry_ = result.collective_arrays.setdefault(array, {"count": 0, "bytes": 0.0})
+                entry_["count"] += times
+                entry_["bytes"] += times * max(result_bytes, operand_bytes)
             if name not in fused and op not in NO_TRAFFIC and not op.endswith("-done"):
                 result.hbm_bytes += times * _traffic(instr, shapes, computations)
     result.dtype_mix = dict(result.dtype_mix)
+    result.matmul_sources = {k: dict(v) for k, v in result.matmul_sources.items()}
     return result

@@ -125,6 +125,7 @@ def build_report(step, topology_name: str, num_slices: int = 1) -> dict:
         "unknown_trip_counts": analysis.unknown_trip_counts,
         "loops": len(analysis.loops),
         "dtype_mix": {k: v / mix_total for k, v in sorted(analysis.dtype_mix.items(), key=lambda kv: -kv[1])},
+        "matmul_sources": _minority_sources(analysis, mix_total),
         "collectives": analysis.collectives, "collective_bytes": analysis.collective_bytes,
         "largest_collectives": dict(sorted(analysis.collective_arrays.items(), key=lambda kv: -kv[1]["bytes"])[:8]),
         "hbm_traffic_bytes": analysis.hbm_bytes,
@@ -135,6 +136,15 @@ def build_report(step, topology_name: str, num_slices: int = 1) -> dict:
     if not report["fits"]:
         report["knobs"] = list(KNOBS)
     return report
+
+
+def _minority_sources(analysis: hlo.Analysis, total: float, top: int = 3) -> dict:
+    """Where the matmuls outside the main dtype mix come from: mix -> {jax op_name: share of all matmul FLOPs},
+    the `top` largest per mix, so an f32 matmul in a bf16 config can be traced to the line that made it."""
+    mixes = sorted(analysis.dtype_mix, key=lambda k: -analysis.dtype_mix[k])[1:]
+    return {mix: {name: flops / total for name, flops in sorted(analysis.matmul_sources[mix].items(),
+                                                                 key=lambda kv: -kv[1])[:top]}
+            for mix in mixes}
 
 
 def _gib(x: float) -> str:
@@ -172,6 +182,8 @@ def format_report(r: dict) -> str:
         lines.append(f"  WARNING: loops with unknown trip count (counted once): {r['unknown_trip_counts']}")
     lines.append("  matmul dtype mix (share of FLOPs): "
                  + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["dtype_mix"].items()))
+    for mix, sources in r.get("matmul_sources", {}).items():
+        lines += [f"    {mix} {100 * share:.2f}%: {name[-110:]}" for name, share in sources.items()]
     coll = ", ".join(f"{k} x{c['count']:.0f} {_gib(c['bytes'])}" for k, c in r["collectives"].items())
     lines.append(f"  collectives per step: {coll or 'none'}; total {_gib(r['collective_bytes'])} "
                  f"(2 x param bytes = {_gib(2 * r['param_bytes_total'])})")
