@@ -76,6 +76,37 @@ def test_hlo_flops_count_loop_trip_counts_on_a_calibration_program():
     assert compiled.cost_analysis()["flops"] < 0.5 * analysis.matmul_flops  # one trip per loop
 
 
+def test_fsdp_embedding_lookup_moves_rows_not_the_table():
+    """With the table split along its width over 'fsdp' and the batch over data x fsdp, GSPMD lowers a plain
+    jnp.take by all-gathering the whole table and all-reducing a whole-table gradient (v2: 250,002 x 1,024).
+    layers.embedding_lookup moves only ids and looked-up rows (one all-to-all each way); the table's
+    gradient stays a width slice, reduced over 'data' only."""
+    from jclip_jax import sharding
+    from jclip_jax.models import layers
+
+    mesh = topology.make_mesh((("data", 2), ("fsdp", 2)), topology.topology_devices(TOPOLOGY))
+    vocab, width, batch, length = 8191, 512, 256, 128  # as many tokens per chip as rows in the table
+
+    def collectives(lookup):
+        def loss(table, ids):
+            with layers.activation_sharding(mesh, sharding.DEFAULT_RULES):
+                return jnp.sum(jnp.tanh(lookup(table, ids)).astype(jnp.float32))
+
+        table = jax.ShapeDtypeStruct((vocab, width), jnp.float32, sharding=NamedSharding(mesh, P(None, "fsdp")))
+        ids = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=NamedSharding(mesh, P(("data", "fsdp"))))
+        compiled = jax.jit(jax.grad(loss), out_shardings=table.sharding).lower(table, ids).compile()
+        return {kind: c["bytes"] for kind, c in hlo.analyze(compiled.as_text()).collectives.items()}
+
+    plain = collectives(lambda t, i: layers.constrain_activation(  # what the towers did before
+        jnp.take(t, i, axis=0).astype(jnp.bfloat16), "batch", None, None))
+    assert plain["all-gather"] >= vocab * width * 2  # the bf16 table, whole, on every chip
+    ours = collectives(lambda t, i: layers.embedding_lookup(t, i, jnp.bfloat16))
+    rows_per_chip = batch * length // 4 * width * 2  # bf16
+    assert ours["all-gather"] <= batch * length * 4 // 2  # the ids, over 'fsdp'
+    assert ours["all-to-all"] <= 2 * rows_per_chip  # the rows, forward and backward
+    assert ours["all-reduce"] <= vocab * width * 4 // 2  # the f32 gradient's width slice, over 'data'
+
+
 def test_fsdp_weight_gradient_is_counted_as_a_reduce_scatter():
     """A weight sharded over the devices that also split the batch (FSDP): its gradient is a partial sum
     per device, reduced and kept sharded. On TPU XLA emits that as an `all-reduce-scatter` fusion around an

@@ -1,12 +1,15 @@
 """Mesh construction and the logical-axis rules on the 8-device CPU mesh."""
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jclip_jax import sharding
-from jclip_jax.models import configs
+from jclip_jax.models import configs, layers
 from jclip_jax.models.clip import JinaCLIP
 
 
@@ -62,3 +65,29 @@ def test_tiny_model_params_are_sharded_by_their_logical_names():
     assert next(s for k, s in by_path.items() if "logit_scale" in k) == P()
     # Almost every parameter element is split over some axis (MaxText's "sufficiently sharded" check).
     assert sharding.replicated_fraction(shardings, params) < 0.01
+
+
+def test_embedding_lookup_under_fsdp_matches_a_plain_take_and_its_gradient():
+    """layers.embedding_lookup (ids gathered over 'fsdp', a local lookup of the table's width slice, one
+    all-to-all) gives jnp.take's rows and jnp.take's table gradient on a data 2 x fsdp 4 CPU mesh."""
+    mesh = sharding.make_mesh([("data", 2), ("fsdp", 4)])
+    table = jax.random.normal(jax.random.key(0), (50, 16), jnp.float32)
+    ids = jax.random.randint(jax.random.key(1), (8, 5), 0, 50)
+    weights = jax.random.normal(jax.random.key(2), (8, 5, 16))
+    table = jax.device_put(table, NamedSharding(mesh, P(None, "fsdp")))
+    ids = jax.device_put(ids, NamedSharding(mesh, P(("data", "fsdp"))))
+
+    def loss(table, lookup):
+        return jnp.sum(lookup(table) * weights)
+
+    def sharded(table):
+        with layers.activation_sharding(mesh, sharding.DEFAULT_RULES):
+            return layers.embedding_lookup(table, ids, jnp.float32)
+
+    out = jax.jit(sharded)(table)
+    assert out.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"))), 3)  # rows whole
+    np.testing.assert_array_equal(out, np.take(np.asarray(table), np.asarray(ids), axis=0))
+    grad = jax.jit(jax.grad(loss), static_argnums=1)(table, sharded)
+    reference = np.zeros((50, 16), np.float32)
+    np.add.at(reference, np.asarray(ids), np.asarray(weights))  # d sum(table[ids] * w) / d table
+    np.testing.assert_allclose(grad, reference, rtol=1e-6, atol=1e-6)

@@ -28,6 +28,7 @@ from jclip_jax.models.layers import (
     constrain_activation,
     dropout,
     dtype_of,
+    embedding_lookup,
     layer_norm,
     logical,
     make_stacked,
@@ -122,7 +123,7 @@ class JinaBertTextTower(nnx.Module):
         cfg = self.cfg
         key_mask = ids != cfg.pad_token_id
         # token_type_ids are never passed by jina-clip: row 0 is added to every token.
-        words = self.word_embeddings(ids)
+        words = embedding_lookup(self.word_embeddings.embedding[...], ids, self.word_embeddings.dtype)
         h = self.emb_ln(words + self.token_type_embeddings.embedding[...][0].astype(words.dtype))
         layer_rngs = None
         if rng is not None:

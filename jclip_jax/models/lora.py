@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jclip_jax.models.layers import ZEROS, logical, trunc_normal
+from jclip_jax.models.layers import ZEROS, embedding_lookup, logical, trunc_normal
 
 LORA_PARAM_NAMES = ("lora_a", "lora_b")
 TEXT_LORA_MODES = ("all", "lora_only", "base_only", "merged")
@@ -85,7 +85,7 @@ class LoRAEmbed(nnx.Module):
 
     def __init__(self, num_embeddings: int, dim: int, axes: tuple, *, adaptations: int, rank: int, alpha: float,
                  task: int, dtype, param_dtype, rngs: nnx.Rngs):
-        self.dtype = dtype
+        self.dtype, self.axes = dtype, tuple(axes)
         self.embedding = nnx.Param(logical(trunc_normal(), *axes)(rngs.params(), (num_embeddings, dim), param_dtype))
         self.task, self.scaling = task, (alpha / rank if adaptations else 0.0)
         if adaptations:  # jina's Embedding LoRA: A zeros, B normal (the reverse of Linear's)
@@ -97,7 +97,7 @@ class LoRAEmbed(nnx.Module):
             self.lora_a = self.lora_b = None
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        out = jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        out = embedding_lookup(self.embedding[...], ids, self.dtype, self.axes)
         if self.lora_a is not None:
             a = jnp.take(self.lora_a[...][self.task], ids, axis=0).astype(self.dtype)  # (..., r)
             out = out + (a @ self.lora_b[...][self.task].astype(self.dtype)) * jnp.asarray(self.scaling, self.dtype)
