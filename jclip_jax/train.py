@@ -124,9 +124,10 @@ def initial_params(config, abstract_params):
             model = JinaCLIP.from_pretrained(init.checkpoint)
             return hf_layout.flax_params(model), f"jina-clip directory {init.checkpoint}"
         saved_model = checkpoints.restore_config(init.checkpoint).model
-        if saved_model.vision.image_size != config.model.vision.image_size:  # restored at its own shapes
-            abstract_params = nnx.state(nnx.eval_shape(lambda: JinaCLIP(saved_model, rngs=nnx.Rngs(0))), nnx.Param)
-        params, step = checkpoints.restore_params(init.checkpoint, abstract_params)
+        saved_params = nnx.state(nnx.eval_shape(lambda: JinaCLIP(saved_model, rngs=nnx.Rngs(0))), nnx.Param)
+        check_same_model(saved_params, abstract_params, saved_model, config.model,
+                         f"config.init.checkpoint={init.checkpoint!r}")
+        params, step = checkpoints.restore_params(init.checkpoint, saved_params)  # at its own image size
         return params, f"step {step} of {init.checkpoint}"
     v3 = init.get("jina_embeddings_v3")
     if init.eva02 or init.jina_bert or v3:
@@ -140,6 +141,32 @@ def initial_params(config, abstract_params):
         text = f"jina_embeddings_v3={v3}" if v3 else f"jina_bert={init.jina_bert}"
         return hf_layout.flax_params(model), f"towers eva02={init.eva02} {text}"
     return None, "scratch"
+
+
+def check_same_model(saved_params, params, saved_model, model, what: str) -> None:
+    """Fail in one line, before anything is read, when a previous run's params do not fit this model
+    (vision_model/pos_embed excepted: it is resampled to this image size), naming the first parameter
+    whose shape differs and the model config fields that differ."""
+    shapes = lambda state: {hf_layout.path_key(p): tuple(v.shape) for p, v in nnx.to_flat_state(state)}  # noqa: E731
+    theirs, ours = shapes(saved_params), shapes(params)
+    theirs.pop(("vision_model", "pos_embed"), None), ours.pop(("vision_model", "pos_embed"), None)
+    if theirs == ours:
+        return
+    key = next(k for k in sorted(theirs.keys() | ours.keys()) if theirs.get(k) != ours.get(k))
+    fields = lambda c: dict(_leaves(c.to_dict()))  # noqa: E731
+    a, b = fields(saved_model), fields(model)
+    differ = "; ".join(f"model.{k} {a.get(k)} there, {b.get(k)} here" for k in sorted(a.keys() | b.keys())
+                       if a.get(k) != b.get(k) and k != "vision.image_size")
+    raise ValueError(f"{what} holds another model: parameter {'/'.join(key)} is {theirs.get(key, 'absent')} there, "
+                     f"{ours.get(key, 'absent')} in config.model" + (f" ({differ})" if differ else ""))
+
+
+def _leaves(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:  # tuples as lists: a saved config has been through JSON
+            yield f"{prefix}{k}", list(v) if isinstance(v, tuple) else v
 
 
 def load_initial_params(state, shardings, params, tx):

@@ -127,6 +127,13 @@ def test_stage_chaining_and_export(tmp_path, synthetic_dir):
     assert "step 4" in origin
     for a, b in zip(jax.tree.leaves(start_params), jax.tree.leaves(stage1_params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = stage2.copy_and_resolve_references()  # another text tower: fails in one line, before any read
+    other.model.text.num_hidden_layers = 3
+    with pytest.raises(ValueError, match=r"config.init.checkpoint='.*stage1' holds another model: parameter "
+                       r"text_model/.* is \(2, .* there, \(3, .* in config.model \(model.text.num_hidden_layers 2 "
+                       r"there, 3 here\)$"):
+        train.initial_params(other, nnx.state(nnx.eval_shape(lambda: JinaCLIP(other.model, rngs=nnx.Rngs(0))),
+                                              nnx.Param))
     train.train(stage2, str(tmp_path / "stage2"))
     assert checkpoints.latest_step(str(tmp_path / "stage2")) == 3  # its own step counter
     mngr = checkpoints.manager(str(tmp_path / "stage2"))
