@@ -85,9 +85,12 @@ def main(argv=None):
                                   args.iters), 3 * b * flops.image_forward_flops(v))
     del model, params
 
-    # One block of each.
-    d, inner = t.hidden_size, t.intermediate_size
-    text_flop = 3 * (2 * b * length * (4 * d * d + 3 * d * inner) + 4 * b * length * length * d)
+    # One block of each; FLOPs from flops.py on a one-layer tower, so the counts cannot drift apart.
+    one_text, no_image_blocks = t.copy_and_resolve_references(), v.copy_and_resolve_references()
+    one_text.num_hidden_layers, no_image_blocks.layers = 1, 0
+    d = t.hidden_size
+    text_flop = 3 * b * flops.text_forward_flops(one_text, length)
+    attention_flop = 3 * b * 2 * 2 * length * length * d  # the QK^T and AV part of that count
     block = jina_bert.JinaBertBlock(t, jnp.float32, jnp.float32, rngs=nnx.Rngs(0))
     block_def, block_params = nnx.split(block)
     h = jax.random.normal(jax.random.key(1), (b, length, d))
@@ -99,16 +102,15 @@ def main(argv=None):
                      ("text block, no ALiBi bias", dict(use_bias=False)),
                      ("text block, no bias and no mask", dict(use_bias=False, use_mask=False)),
                      ("text block, no attention (matmuls only)", dict(attention=False))):
-        flop = text_flop if kw.get("attention", True) else text_flop - 3 * 4 * b * length * length * d
+        flop = text_flop if kw.get("attention", True) else text_flop - attention_flop
         report(name, seconds(text_block_variant(block_def, bias, mask, **kw), block_params, h, args.iters), flop)
     tokens, w = (v.image_size // v.patch_size) ** 2 + 1, v.width
-    hidden = int(w * v.mlp_ratio)
     image_block = eva02.EvaBlock(v, jnp.float32, jnp.float32, rngs=nnx.Rngs(0))
     image_def, image_params = nnx.split(image_block)
     x = jax.random.normal(jax.random.key(2), (b, tokens, w))
     cos, sin = jnp.ones((1, tokens - 1, v.head_width)), jnp.zeros((1, tokens - 1, v.head_width))
     report("image block", seconds(lambda p, x: nnx.merge(image_def, p)(x, cos, sin), image_params, x, args.iters),
-           3 * (2 * b * tokens * (4 * w * w + 3 * w * hidden) + 4 * b * tokens * tokens * w))
+           3 * b * (flops.image_forward_flops(v) - flops.image_forward_flops(no_image_blocks)) / v.layers)
     ratio = out["text tower"]["gflop_per_s"] / out["image tower"]["gflop_per_s"]
     print(f"text / image tower FLOP/s: {ratio:.2f}x")
     if args.json:
