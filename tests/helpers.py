@@ -1,10 +1,22 @@
 """Test fixtures that make their own data: a WordPiece tokenizer trained in-process, tiny images."""
 
+import importlib.util
 import os
 
 import numpy as np
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, arg: str | None = None):
+    """get_config(arg) of configs/<name>.py (e.g. 'demo', 'jina_clip_v2/stage2'), as jclip-train loads it."""
+    spec = importlib.util.spec_from_file_location(name.replace("/", "_"), os.path.join(REPO, "configs", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)
+
 
 CORPUS = [
     "a red circle on the left", "a blue square in the middle", "two green triangles at the top",

@@ -5,7 +5,6 @@ hand-computed FLOPs of a calibration program with loops, and an oversized batch 
 refusal (non-zero exit). Nothing runs on a TPU: the devices are compile-only.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import load_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -28,10 +28,7 @@ SMALL = dict(image_batch_size=16, text_batch_size=16, image_max_length=16, text_
 
 
 def demo_config(**data):
-    spec = importlib.util.spec_from_file_location("demo_config", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = load_config("demo")
     c.model.dtype = "bfloat16"
     c.model.vision.patch_dropout = 0.0  # so the compiled FLOPs match the analytic model FLOPs
     c.data.update(data)

@@ -2,7 +2,6 @@
 short runs work; bad weight directories (config.json types, truncated safetensors, NaN / int64 tensors)
 are named by `from_pretrained` and `jclip-convert check`."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import load_config
 from safetensors.numpy import load_file, save_file
 
 from jclip_jax import JinaCLIP, optim, train, train_config
@@ -30,10 +30,7 @@ def synthetic_dir(tmp_path_factory):
 
 
 def demo_config(synthetic_dir):
-    spec = importlib.util.spec_from_file_location("demo_config", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config("demo")
     config.data.synthetic_dir = synthetic_dir
     return config
 

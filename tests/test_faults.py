@@ -4,7 +4,6 @@ run on a workdir is refused, an all-undecodable dataset stops (also under SIGTER
 a failed save stops the run. One small training run (module fixture) provides the checkpoints; the other
 cases restore from copies of it or call the loop's pieces directly."""
 
-import importlib.util
 import os
 import resource
 import shutil
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import load_config
 
 from jclip_jax import checkpoints, distributed, optim, sharding, train, train_config, train_step, workdir_lock
 from jclip_jax.data import records, synthetic
@@ -26,14 +26,10 @@ from jclip_jax.models import configs
 from jclip_jax.models.clip import JinaCLIP
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(REPO, "configs", "demo.py")
 
 
 def demo_config(synthetic_dir, **overrides):
-    spec = importlib.util.spec_from_file_location("demo_config", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config("demo")
     config.data.synthetic_dir = synthetic_dir
     config.total_steps, config.checkpoint_every, config.log_every, config.eval_every = 4, 2, 2, 0
     config.data.image_batch_size = config.data.text_batch_size = 16

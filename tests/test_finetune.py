@@ -3,12 +3,11 @@ prepare a CSV of image files -> jclip-train with configs/finetune.py (LiT-style 
 multipliers and layer decay on the text tower, resumed from its checkpoint, whose optimizer state holds
 optax MaskedNodes for the frozen tower) -> export -> load: the image tower is bit-identical."""
 
-import importlib.util
-import os
 
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import load_config
 
 from jclip_jax import JinaCLIP, checkpoints, train
 from jclip_jax.convert import cli, hf_layout
@@ -16,14 +15,9 @@ from jclip_jax.data import prepare, synthetic
 from jclip_jax.models import configs
 from jclip_jax.tokenizer import TextTokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def finetune_config(arg):
-    spec = importlib.util.spec_from_file_location("finetune_config", os.path.join(REPO, "configs", "finetune.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return load_config("finetune", arg)
 
 
 def write_user_data(root, n=48, image_size=32):

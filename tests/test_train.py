@@ -1,7 +1,6 @@
 """jclip-train end to end on the tiny model and a small synthetic dataset, on the 8-device CPU mesh:
 exact resume after SIGKILL, SIGTERM saves and exits, stage chaining, export, early config errors."""
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -12,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import load_config
 
 from jclip_jax import JinaCLIP, checkpoints, train, train_config
 from jclip_jax.convert import cli, hf_layout
@@ -97,10 +97,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, synthetic_dir):
 
 
 def test_stage_chaining_and_export(tmp_path, synthetic_dir):
-    spec = importlib.util.spec_from_file_location("demo_config", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    demo = module.get_config()
+    demo = load_config("demo")
     demo.data.synthetic_dir = synthetic_dir
     demo.total_steps, demo.checkpoint_every, demo.log_every, demo.eval_every = 4, 4, 2, 0
     demo.data.image_batch_size = demo.data.text_batch_size = 16

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import write_xlmr_style_tokenizer
+from helpers import load_config, write_xlmr_style_tokenizer
 from PIL import Image
 
 from jclip_jax import JinaCLIP, optim, sharding, train, train_config, train_step
@@ -118,19 +118,12 @@ def test_tiny_v2_trains_with_matryoshka_and_a_truncated_embedding_retrieves(synt
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_v2_stage_configs_validate(stage):
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "jina_clip_v2",
-                        f"stage{stage}.py")
-    spec = importlib.util.spec_from_file_location(f"v2_stage{stage}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config(f"jina_clip_v2/stage{stage}")
     train_config.validate(config)
     assert config.model.vision.image_size == {1: 224, 2: 384, 3: 512}[stage]  # the paper's per-stage resolution
     assert config.data.text_max_length == {1: 77, 2: 512, 3: 512}[stage]
     assert tuple(config.loss.matryoshka_dims) == (32, 64, 128, 256, 512, 768, 1024)
-    local = module.get_config("runlocal")
+    local = load_config(f"jina_clip_v2/stage{stage}", "runlocal")
     train_config.validate(local)
     assert local.model.text.hidden_size == 64 and tuple(local.loss.matryoshka_dims) == (16, 32, 64)
 
