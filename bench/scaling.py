@@ -92,16 +92,55 @@ def render(out_dir: str) -> str:
     return header + "\n" + "\n".join(rows)
 
 
-def write_doc(args) -> None:
-    table = render(args.out)
-    with open(args.doc) as f:
-        doc = f.read()
-    begin, end = "<!-- scaling-table:begin -->", "<!-- scaling-table:end -->"
+def render_summary(out_dir: str) -> str:
+    """One cell per (model stage, topology): the cheapest remat-on run that fits (pure data parallel before
+    FSDP, fewer micro-batches first), else the closest miss. Variants (_batch4096, _at-<commit>) are left out."""
+    cells: dict = {}
+    for path in glob.glob(os.path.join(out_dir, "*.json")):
+        name = os.path.basename(path)[:-5]
+        parts = name.split("_", 4)  # model, stage<N>, topology, remat-<r>[, suffix]
+        variant = len(parts) == 5 and any(t.startswith(("at-", "batch")) for t in parts[4].split("_"))
+        if len(parts) < 4 or parts[3] != "remat-on" or variant:
+            continue
+        with open(path) as f:
+            r = json.load(f)
+        key = (not r["fits"], r["micro_batches"], r["mesh"].get("fsdp", 1) > 1, r.get("hbm_bytes", float("inf")))
+        cell = (parts[0], parts[1]), parts[2]
+        if cell not in cells or key < cells[cell][0]:
+            cells[cell] = (key, r)
+    topologies = [NAMES[t] for t in TOPOLOGIES]
+    lines = ["| model, stage | " + " | ".join(topologies) + " |", "|---" * (len(topologies) + 1) + "|"]
+    for model, stage in sorted({c[0] for c in cells}):
+        row = []
+        for topo in topologies:
+            if ((model, stage), topo) not in cells:
+                row.append("-")
+                continue
+            r = cells[(model, stage), topo][1]
+            mem = f"{r['hbm_bytes'] / GIB:.1f} / {r['hbm_capacity_bytes'] / GIB:.0f} GiB"
+            how = [f"fsdp {r['mesh']['fsdp']}"] if r["mesh"].get("fsdp", 1) > 1 else []
+            how += [f"micro_batches {r['micro_batches']}"] if r["micro_batches"] > 1 else []
+            text = f"{mem}, {r['flops_ratio']:.2f}" if r["fits"] else f"**does not fit**: {mem}"
+            row.append(text + (f" ({', '.join(how)})" if how else ""))
+        lines.append(f"| {model} {stage.replace('stage', 'stage ')} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _replace_between(doc: str, marker: str, text: str) -> str:
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
     head, _, rest = doc.partition(begin)
     _, _, tail = rest.partition(end)
+    return f"{head}{begin}\n{text}\n{end}{tail}"
+
+
+def write_doc(args) -> None:
+    table, summary = render(args.out), render_summary(args.out)
+    with open(args.doc) as f:
+        doc = f.read()
+    doc = _replace_between(_replace_between(doc, "scaling-table", table), "scaling-summary", summary)
     with open(args.doc, "w") as f:
-        f.write(f"{head}{begin}\n{table}\n{end}{tail}")
-    print(table)
+        f.write(doc)
+    print(summary + "\n\n" + table)
 
 
 def main(argv=None):
