@@ -20,6 +20,7 @@ import ml_collections
 
 from jclip_jax import losses, optim
 from jclip_jax.data.pipeline import DataConfig
+from jclip_jax.models import attention
 from jclip_jax.models import configs as model_configs
 from jclip_jax.models.layers import REMAT_POLICIES
 
@@ -119,6 +120,8 @@ def validate(config) -> None:
     policy = config.model.get("remat_policy", "nothing")
     if policy not in REMAT_POLICIES:
         raise ValueError(f"config.model.remat_policy={policy!r}; known: {sorted(REMAT_POLICIES)}")
+    if config.model.get("attention", "xla") not in attention.IMPLEMENTATIONS:
+        raise ValueError(f"config.model.attention={config.model.attention!r}; known: {attention.IMPLEMENTATIONS}")
     if config.get("nonfinite", "stop") not in ("stop", "skip"):
         raise ValueError(f"config.nonfinite={config.nonfinite!r} must be 'stop' or 'skip'")
     for name in ("image_max_length", "text_max_length"):
@@ -189,8 +192,9 @@ def warmup_note(config) -> str | None:
 # data iterator's position meaningless; other keys are allowed and printed.
 RESUME_REFUSED = ("model.", "data.seed", "data.image_batch_size", "data.text_batch_size", "data.image_text_dir",
                   "data.text_dir", "data.text_weights", "data.text_buckets", "loss.stage", "loss.tasks")
-RESUME_MODEL_SAFE = ("model.dtype", "model.remat", "model.text.hidden_dropout_prob", "model.vision.patch_dropout",
-                     "model.text.max_length", "model.logit_scale_init_value")
+RESUME_MODEL_SAFE = ("model.dtype", "model.remat", "model.remat_policy", "model.attention",
+                     "model.text.hidden_dropout_prob", "model.vision.patch_dropout", "model.text.max_length",
+                     "model.logit_scale_init_value")
 
 
 def _flat(d, prefix=""):

@@ -73,6 +73,21 @@ def test_hlo_flops_count_loop_trip_counts_on_a_calibration_program():
     assert compiled.cost_analysis()["flops"] < 0.5 * analysis.matmul_flops  # one trip per loop
 
 
+def test_flash_attention_compiles_for_tpu_and_its_kernels_are_counted():
+    """tiny-v2 (EVA02 + XLM-RoBERTa, both with Pallas' flash attention) compiles for v5e:2x2; the report
+    counts the forward kernel from its cost estimate and the two backward kernels from their dots, so no
+    kernel is left uncounted, and the attention logits no longer appear as XLA matmuls."""
+    c = load_config("jina_clip_v2/stage1", "runlocal")
+    c.model.dtype, c.model.vision.patch_dropout, c.model.attention = "bfloat16", 0.0, "flash"
+    c.data.update(SMALL)
+    step = program.compile_train_step(c, topology.topology_devices(TOPOLOGY))
+    r, analysis = report.build_report(step, TOPOLOGY), hlo.analyze(step.compiled.as_text())
+    assert r["fits"] and r["unknown_kernels"] == []
+    kernels = analysis.matmul_sources["bf16 x bf16 -> f32 (pallas kernel)"]
+    assert {n.split("_block")[0] for n in kernels} == {"flash_attention", "flash_mha_bwd_dkv", "flash_mha_bwd_dq"}
+    assert not any("BTNH,BSNH->BNTS" in n for sources in analysis.matmul_sources.values() for n in sources)
+
+
 def test_fsdp_embedding_lookup_moves_rows_not_the_table():
     """With the table split along its width over 'fsdp' and the batch over data x fsdp, GSPMD lowers a plain
     jnp.take by all-gathering the whole table and all-reducing a whole-table gradient (v2: 250,002 x 1,024).

@@ -74,6 +74,7 @@ class Analysis:
     hbm_bytes: float = 0.0
     loops: list = dataclasses.field(default_factory=list)  # (while name, trip count)
     unknown_trip_counts: list = dataclasses.field(default_factory=list)
+    unknown_kernels: list = dataclasses.field(default_factory=list)  # custom kernels whose FLOPs are not known
 
     @property
     def collectives(self) -> dict:
@@ -375,6 +376,25 @@ def _traffic(instr: Instruction, shapes: dict, computations: dict) -> float:
     return max(out, 0.0) + sum(operand)
 
 
+# Pallas' TPU flash-attention backward kernels carry no cost estimate: their matmul FLOPs per (batch, head)
+# in units of q_len * kv_len * head_dim, counted from the kernels' dots (jax.experimental.pallas.ops.tpu.
+# flash_attention): dk/dv recompute the logits and run dp, dv, dk (4 dots); dq recomputes the logits and runs
+# dp and dq (3 dots).
+KERNEL_FLOPS = {"flash_mha_bwd_dkv": 8, "flash_mha_bwd_dq": 6}
+
+
+def kernel_flops(instr: Instruction, shapes: dict) -> float | None:
+    """FLOPs of a `tpu_custom_call` (a Pallas/Mosaic kernel): its cost estimate, else KERNEL_FLOPS, else None."""
+    estimate = re.search(r'cost_estimate[^{]*\{[^}]*?\\?"flops\\?":\s*\\?"?(\d+)', instr.attrs)
+    if estimate:
+        return float(estimate.group(1))
+    for prefix, per in KERNEL_FLOPS.items():
+        if instr.name.startswith(prefix) and len(instr.operands) >= 2:
+            (_, q), (_, k) = (shapes[o].arrays[0] for o in instr.operands[:2])
+            return float(per * math.prod(q) * k[-2])  # q (B, heads, Lq, head_dim), k (B, heads, Lk, head_dim)
+    return None
+
+
 def analyze(text: str) -> Analysis:
     computations, entry = parse(text)
     lines = source_lines(text)
@@ -403,6 +423,18 @@ def analyze(text: str) -> Analysis:
                 source += f" [{op_name.group(1)}]" if op_name else ""
                 sources = result.matmul_sources.setdefault(key, collections.Counter())
                 sources[source] += times * flops
+            if op == "custom-call" and 'custom_call_target="tpu_custom_call"' in instr.attrs:
+                flops = kernel_flops(instr, shapes)
+                if flops is None:
+                    result.unknown_kernels.append(instr.name)
+                else:
+                    result.matmul_flops += times * flops
+                    result.matmul_flops_once += flops
+                    lhs, rhs = (shapes[o].arrays[0][0] for o in instr.operands[:2])
+                    key = f"{lhs} x {rhs} -> f32 (pallas kernel)"
+                    result.dtype_mix[key] += times * flops
+                    result.matmul_sources.setdefault(key, collections.Counter())[instr.name.split(".")[0]] += \
+                        times * flops
             kind = op.removesuffix("-start")
             if kind == "all-reduce" and name.startswith("all-reduce-scatter"):
                 # TPU's reduce-scatter: a kCustom fusion `all-reduce-scatter.N` wrapping an all-reduce and

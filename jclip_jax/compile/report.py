@@ -123,6 +123,7 @@ def build_report(step, topology_name: str, num_slices: int = 1) -> dict:
         "hlo_matmul_flops": analysis.matmul_flops, "cost_analysis_flops": float(cost.get("flops", 0.0)),
         "flops_ratio": analysis.matmul_flops / model_flops if model_flops else float("nan"),
         "unknown_trip_counts": analysis.unknown_trip_counts,
+        "unknown_kernels": sorted(set(analysis.unknown_kernels)),
         "loops": len(analysis.loops),
         "dtype_mix": {k: v / mix_total for k, v in sorted(analysis.dtype_mix.items(), key=lambda kv: -kv[1])},
         "matmul_sources": _minority_sources(analysis, mix_total),
@@ -180,6 +181,8 @@ def format_report(r: dict) -> str:
                  f"cost_analysis() {r['cost_analysis_flops']:.3e}")
     if r["unknown_trip_counts"]:
         lines.append(f"  WARNING: loops with unknown trip count (counted once): {r['unknown_trip_counts']}")
+    if r.get("unknown_kernels"):
+        lines.append(f"  WARNING: custom kernels without a FLOP count (not counted): {r['unknown_kernels'][:5]}")
     lines.append("  matmul dtype mix (share of FLOPs): "
                  + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["dtype_mix"].items()))
     for mix, sources in r.get("matmul_sources", {}).items():

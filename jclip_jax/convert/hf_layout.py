@@ -309,8 +309,9 @@ def load_pretrained(model_cls, directory, **overrides):
                          f"{directory!r}; pass {os.path.dirname(directory) or '.'!r}")
     cfg = read_config(directory)
     for k, v in overrides.items():
-        if k not in ("dtype", "param_dtype", "remat", "scan_layers"):
-            raise ValueError(f"from_pretrained: unknown option {k!r} (dtype, param_dtype, remat, scan_layers)")
+        if k not in ("dtype", "param_dtype", "remat", "scan_layers", "attention"):
+            raise ValueError(f"from_pretrained: unknown option {k!r} (dtype, param_dtype, remat, scan_layers, "
+                             "attention)")
         cfg[k] = v
     weights = os.path.join(directory, WEIGHTS_FILE)
     state_dict = read_state_dict(weights)

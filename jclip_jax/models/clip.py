@@ -39,7 +39,8 @@ class JinaCLIP(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs, tokenizer=None):
         self.cfg = cfg
         remat = cfg.get("remat_policy", "nothing") if cfg.remat else False  # a policy name, or off
-        opts = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers, remat=remat)
+        opts = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers, remat=remat,
+                    attention=cfg.get("attention", "xla"))
         self.text_model = TEXT_TOWERS[text_tower_type(cfg.text)](cfg.text, rngs=rngs, **opts)
         self.vision_model = EvaVisionTower(cfg.vision, rngs=rngs, **opts)
         pdt = dtype_of(cfg.param_dtype)

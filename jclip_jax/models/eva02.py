@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jclip_jax.models.attention import dot_product_attention
 from jclip_jax.models.layers import (
     ZEROS,
     constrain_activation,
@@ -76,13 +77,13 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class EvaBlock(nnx.Module):
-    def __init__(self, cfg, dtype, param_dtype, *, rngs: nnx.Rngs):
+    def __init__(self, cfg, dtype, param_dtype, *, attention: str = "xla", rngs: nnx.Rngs):
         w, hd = cfg.width, cfg.head_width
         if w % hd:
             raise ValueError(f"vision.width={w} is not divisible by vision.head_width={hd}")
         n, hidden, eps = w // hd, int(w * cfg.mlp_ratio), cfg.layer_norm_eps
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.num_heads = n
+        self.num_heads, self.attention_implementation = n, attention
         self.norm1 = layer_norm(w, eps, "embed", dtype, param_dtype, rngs)
         qkv_init = logical(trunc_normal(), "embed", "heads", "kv")
         bias_init = logical(ZEROS, "heads", "kv")
@@ -106,7 +107,7 @@ class EvaBlock(nnx.Module):
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))  # (B, 1+T, heads, hd)
         q = jnp.concatenate([q[:, :1], apply_rope(q[:, 1:], cos, sin)], axis=1)
         k = jnp.concatenate([k[:, :1], apply_rope(k[:, 1:], cos, sin)], axis=1)
-        out = jax.nn.dot_product_attention(q, k, v)  # scale head_dim^-0.5, no mask
+        out = dot_product_attention(q, k, v, implementation=self.attention_implementation)  # no mask
         out = out.reshape(*out.shape[:2], -1)  # merge heads (head-major)
         return self.proj(self.inner_attn_ln(out))
 
@@ -121,7 +122,7 @@ class EvaVisionTower(nnx.Module):
     """pixels (B, H, W, 3) -> CLS embedding (B, width) float32."""
 
     def __init__(self, cfg, *, dtype="float32", param_dtype="float32", scan_layers=True, remat=False,
-                 rngs: nnx.Rngs):
+                 attention="xla", rngs: nnx.Rngs):
         self.cfg = cfg
         dt, pdt = dtype_of(dtype), dtype_of(param_dtype)
         if cfg.image_size < cfg.patch_size:  # a remainder is fine: the stride-p conv ignores it (v2: 512/14)
@@ -136,7 +137,7 @@ class EvaVisionTower(nnx.Module):
         self.cls_token = nnx.Param(logical(trunc_normal(), None, None, "embed")(rngs.params(), (1, 1, w), pdt))
         self.pos_embed = nnx.Param(
             logical(trunc_normal(), None, None, "embed")(rngs.params(), (1, self.grid**2 + 1, w), pdt))
-        self.blocks = make_stacked(lambda r: EvaBlock(cfg, dt, pdt, rngs=r), cfg.layers, rngs)
+        self.blocks = make_stacked(lambda r: EvaBlock(cfg, dt, pdt, attention=attention, rngs=r), cfg.layers, rngs)
         self.norm = layer_norm(w, cfg.layer_norm_eps, "embed", dt, pdt, rngs)
 
     def __call__(self, pixels: jax.Array, rng: jax.Array | None = None) -> jax.Array:

@@ -104,7 +104,8 @@ class JinaBertTextTower(nnx.Module):
     """ids (B, L) int32 -> mean-pooled embedding (B, hidden) float32."""
 
     def __init__(self, cfg, *, dtype="float32", param_dtype="float32", scan_layers=True, remat=False,
-                 rngs: nnx.Rngs):
+                 attention="xla", rngs: nnx.Rngs):
+        del attention  # ALiBi: the TPU flash kernel takes no bias, so this tower always runs XLA's attention
         self.cfg = cfg
         dt, pdt = dtype_of(dtype), dtype_of(param_dtype)
         self.scan_layers, self.remat = scan_layers, remat

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jclip_jax.models.attention import dot_product_attention
 from jclip_jax.models.layers import constrain_activation, dropout, dtype_of, layer_norm, make_stacked, run_stacked
 from jclip_jax.models.lora import LoRAEmbed, LoRALinear
 
@@ -59,13 +60,13 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class XLMRobertaBlock(nnx.Module):
     """One post-LN block: fused-QKV RoPE attention, then fc1 -> GELU -> fc2; every Linear carries LoRA."""
 
-    def __init__(self, cfg, dtype, param_dtype, *, rngs: nnx.Rngs):
+    def __init__(self, cfg, dtype, param_dtype, *, attention: str = "xla", rngs: nnx.Rngs):
         d, n = cfg.hidden_size, cfg.num_attention_heads
         if d % n:
             raise ValueError(f"text.hidden_size={d} is not divisible by text.num_attention_heads={n}")
         hd, inter = d // n, cfg.intermediate_size
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, **lora_settings(cfg))
-        self.dropout_rate = cfg.hidden_dropout_prob
+        self.dropout_rate, self.attention_implementation = cfg.hidden_dropout_prob, attention
         # Wqkv output [q | k | v], each head-major: features (3, heads, head_dim), as torch's rows.
         self.wqkv = LoRALinear(d, (3, n, hd), ("embed", None, "heads", "kv"), **kw)
         # out_proj reads the merged heads (head-major), like EVA's proj.
@@ -80,7 +81,8 @@ class XLMRobertaBlock(nnx.Module):
         rng_attn, rng_mlp = (None, None) if rng is None else jax.random.split(rng)
         qkv = constrain_activation(self.wqkv(h), "batch", None, None, "heads", None)  # (B, L, 3, heads, hd)
         q, k = apply_rope(qkv[:, :, 0], cos, sin), apply_rope(qkv[:, :, 1], cos, sin)
-        attn = jax.nn.dot_product_attention(q, k, qkv[:, :, 2], mask=key_mask[:, None, None, :])
+        attn = dot_product_attention(q, k, qkv[:, :, 2], key_mask=key_mask,
+                                     implementation=self.attention_implementation)
         attn = attn.reshape(*attn.shape[:2], -1)
         h = self.norm1(h + dropout(self.out_proj(attn), self.dropout_rate, rng_attn))
         hidden = constrain_activation(self.fc1(h), "batch", None, "mlp")  # (B, L, I)
@@ -92,7 +94,7 @@ class XLMRobertaTextTower(nnx.Module):
     """ids (B, L) int32 -> mean-pooled embedding (B, hidden) float32."""
 
     def __init__(self, cfg, *, dtype="float32", param_dtype="float32", scan_layers=True, remat=False,
-                 rngs: nnx.Rngs):
+                 attention="xla", rngs: nnx.Rngs):
         self.cfg = cfg
         dt, pdt = dtype_of(dtype), dtype_of(param_dtype)
         self.scan_layers, self.remat = scan_layers, remat
@@ -102,7 +104,8 @@ class XLMRobertaTextTower(nnx.Module):
         self.token_type_embeddings = LoRAEmbed(cfg.type_vocab_size, d, (None, "embed"), dtype=dt,
                                                param_dtype=pdt, rngs=rngs, **lora)
         self.emb_ln = layer_norm(d, cfg.layer_norm_eps, "embed", dt, pdt, rngs)
-        self.layers = make_stacked(lambda r: XLMRobertaBlock(cfg, dt, pdt, rngs=r), cfg.num_hidden_layers, rngs)
+        self.layers = make_stacked(lambda r: XLMRobertaBlock(cfg, dt, pdt, attention=attention, rngs=r),
+                                   cfg.num_hidden_layers, rngs)
 
     def hidden_states(self, ids: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         """ids (B, L) int32 -> last hidden states (B, L, hidden) in the compute dtype."""
