@@ -96,7 +96,7 @@ def test_fsdp_embedding_lookup_moves_rows_not_the_table():
     from jclip_jax import sharding
     from jclip_jax.models import layers
 
-    mesh = topology.make_mesh((("data", 2), ("fsdp", 2)), topology.topology_devices(TOPOLOGY))
+    mesh = topology.make_mesh((("data", 2), ("fsdp", 2), ("tensor", 1)), topology.topology_devices(TOPOLOGY))
     vocab, width, batch, length = 8191, 512, 256, 128  # as many tokens per chip as rows in the table
 
     def collectives(lookup):

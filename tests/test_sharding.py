@@ -70,7 +70,7 @@ def test_tiny_model_params_are_sharded_by_their_logical_names():
 def test_embedding_lookup_under_fsdp_matches_a_plain_take_and_its_gradient():
     """layers.embedding_lookup (ids gathered over 'fsdp', a local lookup of the table's width slice, one
     all-to-all) gives jnp.take's rows and jnp.take's table gradient on a data 2 x fsdp 4 CPU mesh."""
-    mesh = sharding.make_mesh([("data", 2), ("fsdp", 4)])
+    mesh = sharding.make_mesh([("data", 2), ("fsdp", 4), ("tensor", 1)])  # 'vocab' -> a size-1 'tensor'
     table = jax.random.normal(jax.random.key(0), (50, 16), jnp.float32)
     ids = jax.random.randint(jax.random.key(1), (8, 5), 0, 50)
     weights = jax.random.normal(jax.random.key(2), (8, 5, 16))

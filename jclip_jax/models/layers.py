@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Callable
 
 import jax
@@ -98,12 +99,13 @@ def embedding_lookup(table: jax.Array, ids: jax.Array, dtype, names=("vocab", "e
     from jclip_jax import sharding
 
     mesh, rules = context
+    axes = lambda spec: (spec,) if isinstance(spec, str) else tuple(spec or ())  # noqa: E731
+    split = lambda spec: math.prod(mesh.shape[a] for a in axes(spec))  # noqa: E731  (size-1 axes split nothing)
     vocab, width = sharding.logical_to_mesh_spec(names, table.shape, mesh, rules)
     rows = sharding.logical_to_mesh_spec(("batch",) + (None,) * (ids.ndim - 1), ids.shape, mesh, rules)[0]
-    if width is None or vocab is not None:
+    if split(width) == 1 or split(vocab) > 1:
         return plain()
-    width_axes = {width} if isinstance(width, str) else set(width)
-    kept = tuple(a for a in ((rows,) if isinstance(rows, str) else rows or ()) if a not in width_axes)
+    kept = tuple(a for a in axes(rows) if a not in axes(width))
     kept = kept[0] if len(kept) == 1 else (kept or None)
     pin = lambda x, *spec: jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, P(*spec)))  # noqa: E731
     ids = pin(ids, kept, *(None,) * (ids.ndim - 1))
