@@ -41,6 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "scaling_runs"))
     p.add_argument("--doc", default=os.path.join(ROOT, "docs", "scaling.md"))
     p.add_argument("--render", action="store_true", help="only render the table from existing JSONs")
+    p.add_argument("--reanalyze", action="store_true",
+                   help="recompute every JSON's HLO-derived fields from its saved .hlo.txt (after a change to "
+                        "compile/hlo.py), then render; no compile")
     p.add_argument("--timeout", type=int, default=3600)
     return p.parse_args(argv)
 
@@ -66,6 +69,27 @@ def run_one(model: str, stage: int, topology: str, remat: str, args) -> str:
     if proc.returncode not in (0, 1):
         print(proc.stderr[-2000:], file=sys.stderr)
     return out
+
+
+def reanalyze(out_dir: str) -> None:
+    """Rerun compile/hlo.py on each run's saved HLO and update its JSON (memory figures are the compiler's
+    and stay as they are)."""
+    from jclip_jax.compile import hlo, report
+
+    for path in sorted(glob.glob(os.path.join(out_dir, "*.json"))):
+        hlo_path = path[:-5] + ".hlo.txt"
+        with open(path) as f:
+            r = json.load(f)
+        if "memory" not in r or not os.path.exists(hlo_path):
+            continue
+        batch = r["batch"]
+        r.setdefault("pairs_per_step", batch["image"][0] + (batch.get("text_query") or batch["triplet_query"])[0])
+        with open(hlo_path) as f:
+            r.update(report.hlo_fields(hlo.analyze(f.read()), r))
+        with open(path, "w") as f:
+            json.dump(r, f, indent=2, default=float)
+        print(f"{os.path.basename(path)}: collectives {r['collective_bytes'] / GIB:.2f} GiB, "
+              f"FLOPs ratio {r['flops_ratio']:.3f}", flush=True)
 
 
 def render(out_dir: str) -> str:
@@ -146,7 +170,9 @@ def write_doc(args) -> None:
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    if not args.render:
+    if args.reanalyze:
+        reanalyze(args.out)
+    elif not args.render:
         for model in args.models.split(","):
             for stage in [int(s) for s in args.stages.split(",")]:
                 for topology in args.topologies.split(","):

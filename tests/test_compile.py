@@ -119,6 +119,39 @@ def test_fsdp_embedding_lookup_moves_rows_not_the_table():
     assert ours["all-reduce"] <= vocab * width * 4 // 2  # the f32 gradient's width slice, over 'data'
 
 
+ASYNC_COLLECTIVE_HLO = """HloModule step
+%fused_computation.1 (p0: bf16[64,256]) -> bf16[1024,256] {
+  %p0 = bf16[64,256]{1,0} parameter(0)
+  ROOT %all-gather.1 = bf16[1024,256]{1,0} all-gather(%p0), channel_id=7, dimensions={0}
+}
+%async_collective_fusion.2 (p0: bf16[64,256]) -> bf16[1024,256] {
+  %p0 = bf16[64,256]{1,0} parameter(0)
+  ROOT %all-gather.2 = bf16[1024,256]{1,0} all-gather(%p0), channel_id=7, dimensions={0}
+}
+%fused_computation.3 (p0: bf16[64,256]) -> bf16[1024,256] {
+  %p0 = bf16[64,256]{1,0} parameter(0)
+  ROOT %all-gather.3 = bf16[1024,256]{1,0} all-gather(%p0), channel_id=7, dimensions={0}
+}
+ENTRY %main (w: bf16[64,256], x: f32[128,512]) -> f32[128,512] {
+  %w = bf16[64,256]{1,0} parameter(0)
+  %x = f32[128,512]{1,0} parameter(1)
+  %async-collective-start.1 = bf16[1024,256]{1,0} fusion(%w), kind=kCustom, calls=%fused_computation.1
+  %fusion.2 = bf16[1024,256]{1,0} fusion(%w), kind=kCustom, calls=%async_collective_fusion.2
+  %async-collective-done.1 = bf16[1024,256]{1,0} fusion(%w), kind=kCustom, calls=%fused_computation.3
+  %all-reduce.1 = f32[128,512]{1,0} all-reduce(%x), channel_id=1, to_apply=%add
+  ROOT %all-reduce.2 = f32[128,512]{1,0} all-reduce(%all-reduce.1), channel_id=1, to_apply=%add
+}
+"""
+
+
+def test_an_async_collective_split_over_fusions_is_counted_once():
+    """TPU async collectives appear as clones (one channel id) in the start, continuation and done fusions of
+    one computation: one all-gather. Two separate all-reduces that share a channel id are two."""
+    analysis = hlo.analyze(ASYNC_COLLECTIVE_HLO)
+    assert analysis.collectives["all-gather"] == {"count": 1, "bytes": 1024 * 256 * 2}
+    assert analysis.collectives["all-reduce"] == {"count": 2, "bytes": 2 * 128 * 512 * 4}
+
+
 def test_fsdp_weight_gradient_is_counted_as_a_reduce_scatter():
     """A weight sharded over the devices that also split the batch (FSDP): its gradient is a partial sum
     per device, reduced and kept sharded. On TPU XLA emits that as an `all-reduce-scatter` fusion around an

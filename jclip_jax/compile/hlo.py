@@ -400,6 +400,14 @@ def analyze(text: str) -> Analysis:
     lines = source_lines(text)
     mult, fused, loops, unknown = multipliers(computations, entry)
     result = Analysis(loops=loops, unknown_trip_counts=unknown)
+    # XLA's TPU async collectives clone one collective (same channel id) into the start fusion, the
+    # `async_collective_fusion.N` continuations that overlap its steps with compute, and the done fusion,
+    # all called from one computation: the data moves once. Other collectives may share a channel id
+    # (e.g. the loss's shard_map all-reduces) and are each counted.
+    async_caller = {callee: name for name, instrs in computations.items() for i in instrs
+                    for _, callee in _callees(i)
+                    if callee.startswith("async_collective_fusion") or i.name.startswith("async-collective-")}
+    collectives: dict[str, tuple[str, float, float]] = {}  # one collective -> (array, bytes, times)
     for name, instrs in computations.items():
         times = mult.get(name, 0.0)
         if not times:
@@ -444,11 +452,17 @@ def analyze(text: str) -> Analysis:
                 operand_bytes = sum(shapes[o].bytes for o in instr.operands if o in shapes)
                 result_bytes = instr.bytes - operand_bytes if op.endswith("-start") else instr.bytes
                 array = f"{kind} " + re.sub(r"\{[^{}]*\}", "", instr.shape).replace(" ", "")
-                entry_ = result.collective_arrays.setdefault(array, {"count": 0, "bytes": 0.0})
-                entry_["count"] += times
-                entry_["bytes"] += times * max(result_bytes, operand_bytes)
+                channel = re.search(r"channel_id=(\d+)", instr.attrs)
+                key = (f"{async_caller[name]}/channel {channel.group(1)}" if channel and name in async_caller
+                       else f"{name}/{instr.name}")
+                if key not in collectives or collectives[key][2] < times:
+                    collectives[key] = (array, max(result_bytes, operand_bytes), times)
             if name not in fused and op not in NO_TRAFFIC and not op.endswith("-done"):
                 result.hbm_bytes += times * _traffic(instr, shapes, computations)
+    for array, size, times in collectives.values():
+        entry_ = result.collective_arrays.setdefault(array, {"count": 0, "bytes": 0.0})
+        entry_["count"] += times
+        entry_["bytes"] += times * size
     result.dtype_mix = dict(result.dtype_mix)
     result.matmul_sources = {k: dict(v) for k, v in result.matmul_sources.items()}
     return result

@@ -111,16 +111,28 @@ def build_report(step, topology_name: str, num_slices: int = 1) -> dict:
               "alias": mem.alias_size_in_bytes, "temp": mem.temp_size_in_bytes,
               "generated_code": mem.generated_code_size_in_bytes}
     total = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"] + memory["generated_code"]
-    analysis = hlo.analyze(step.compiled.as_text())
     cost = step.compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
+    report.update({"fits": total <= chip.hbm_bytes, "memory": memory, "hbm_bytes": total,
+                   "cost_analysis_flops": float(cost.get("flops", 0.0)),
+                   "pairs_per_step": d.image_batch_size + text_batch})
+    report.update(hlo_fields(hlo.analyze(step.compiled.as_text()), report))
+    if not report["fits"]:
+        report["knobs"] = list(KNOBS)
+    return report
+
+
+def hlo_fields(analysis: hlo.Analysis, report: dict) -> dict:
+    """The report's fields read from the compiled HLO (FLOPs, dtype mix, collectives, roofline), given the
+    report's chip, model FLOPs and pairs per step. bench/scaling.py --reanalyze reruns it on saved HLO."""
+    chip = topology.chip_of(report["topology"])
+    model_flops = report["model_flops"]
     compute_s = analysis.matmul_flops / chip.peak_flops
     memory_s = analysis.hbm_bytes / chip.hbm_bandwidth
     bound = max(compute_s, memory_s)
     mix_total = sum(analysis.dtype_mix.values()) or 1.0
-    report.update({
-        "fits": total <= chip.hbm_bytes, "memory": memory, "hbm_bytes": total,
-        "hlo_matmul_flops": analysis.matmul_flops, "cost_analysis_flops": float(cost.get("flops", 0.0)),
+    return {
+        "hlo_matmul_flops": analysis.matmul_flops,
         "flops_ratio": analysis.matmul_flops / model_flops if model_flops else float("nan"),
         "unknown_trip_counts": analysis.unknown_trip_counts,
         "unknown_kernels": sorted(set(analysis.unknown_kernels)),
@@ -131,12 +143,9 @@ def build_report(step, topology_name: str, num_slices: int = 1) -> dict:
         "largest_collectives": dict(sorted(analysis.collective_arrays.items(), key=lambda kv: -kv[1]["bytes"])[:8]),
         "hbm_traffic_bytes": analysis.hbm_bytes,
         "roofline": {"compute_s": compute_s, "memory_s": memory_s, "step_s_lower_bound": bound,
-                     "pairs_per_s_upper_bound": (d.image_batch_size + text_batch) / bound if bound else 0.0,
+                     "pairs_per_s_upper_bound": report["pairs_per_step"] / bound if bound else 0.0,
                      "mfu_upper_bound": model_flops / (bound * chip.peak_flops) if bound else 0.0},
-    })
-    if not report["fits"]:
-        report["knobs"] = list(KNOBS)
-    return report
+    }
 
 
 def _minority_sources(analysis: hlo.Analysis, total: float, top: int = 3) -> dict:
