@@ -118,12 +118,13 @@ def render(out_dir: str) -> str:
 
 def render_summary(out_dir: str) -> str:
     """One cell per (model stage, topology): the cheapest remat-on run that fits (pure data parallel before
-    FSDP, fewer micro-batches first), else the closest miss. Variants (_batch4096, _at-<commit>) are left out."""
+    FSDP, fewer micro-batches first), else the closest miss. Variants (_batch4096, _flash, _at-<commit>)
+    are left out."""
     cells: dict = {}
     for path in glob.glob(os.path.join(out_dir, "*.json")):
         name = os.path.basename(path)[:-5]
         parts = name.split("_", 4)  # model, stage<N>, topology, remat-<r>[, suffix]
-        variant = len(parts) == 5 and any(t.startswith(("at-", "batch")) for t in parts[4].split("_"))
+        variant = len(parts) == 5 and any(t.startswith(("at-", "batch", "flash")) for t in parts[4].split("_"))
         if len(parts) < 4 or parts[3] != "remat-on" or variant:
             continue
         with open(path) as f:
