@@ -23,6 +23,8 @@ def reference_kernel(monkeypatch):
 
     monkeypatch.setattr(fa, "flash_attention", kernel)
     monkeypatch.setattr(attention, "_platform", lambda: "tpu")
+    with jax.default_matmul_precision("default"):  # some test modules set 'highest' globally at import
+        yield
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -22,6 +22,7 @@ from jclip_jax.models import layers
 
 IMPLEMENTATIONS = ("xla", "flash")
 BLOCK = 128  # the TPU kernel's default block length: sequences are padded to a multiple of it
+FP32_PRECISIONS = ("highest", "float32", "tensorfloat32", "high", "bfloat16_3x", "ANY_F32_F32_F32")
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array | None = None,
@@ -42,6 +43,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask:
     if platform != "tpu":
         raise ValueError(f"model.attention='flash' needs a TPU or a GPU; this step runs on {platform!r} "
                          "(use model.attention='xla')")
+    precision = jax.config.jax_default_matmul_precision
+    if precision in FP32_PRECISIONS:  # the kernel's bf16 dots would be lowered at fp32 contract precision
+        raise ValueError(f"model.attention='flash' cannot compile under jax_default_matmul_precision="
+                         f"{precision!r} (Pallas' kernel has bf16 dots); unset it or use model.attention='xla'")
     return _sharded(_tpu_flash, q, k, v, key_mask)
 
 
