@@ -153,20 +153,13 @@ def check_same_model(saved_params, params, saved_model, model, what: str) -> Non
     if theirs == ours:
         return
     key = next(k for k in sorted(theirs.keys() | ours.keys()) if theirs.get(k) != ours.get(k))
-    fields = lambda c: dict(_leaves(c.to_dict()))  # noqa: E731
+    # Through JSON, as the saved config was (tuples become lists).
+    fields = lambda c: train_config.flat_dict(json.loads(c.to_json_best_effort()))  # noqa: E731
     a, b = fields(saved_model), fields(model)
     differ = "; ".join(f"model.{k} {a.get(k)} there, {b.get(k)} here" for k in sorted(a.keys() | b.keys())
                        if a.get(k) != b.get(k) and k != "vision.image_size")
     raise ValueError(f"{what} holds another model: parameter {'/'.join(key)} is {theirs.get(key, 'absent')} there, "
                      f"{ours.get(key, 'absent')} in config.model" + (f" ({differ})" if differ else ""))
-
-
-def _leaves(d: dict, prefix: str = ""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _leaves(v, f"{prefix}{k}.")
-        else:  # tuples as lists: a saved config has been through JSON
-            yield f"{prefix}{k}", list(v) if isinstance(v, tuple) else v
 
 
 def load_initial_params(state, shardings, params, tx):

@@ -197,11 +197,12 @@ RESUME_MODEL_SAFE = ("model.dtype", "model.remat", "model.remat_policy", "model.
                      "model.logit_scale_init_value")
 
 
-def _flat(d, prefix=""):
+def flat_dict(d, prefix=""):
+    """A nested dict as {"a.b.c": leaf}."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat_dict(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -212,7 +213,7 @@ def resume_changes(saved: dict, current) -> list[str]:
     as 'key: old -> new' lines, or raises ValueError naming every incompatible key in one line."""
     import json
 
-    old, new = _flat(saved), _flat(json.loads(current.to_json_best_effort()))
+    old, new = flat_dict(saved), flat_dict(json.loads(current.to_json_best_effort()))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     # a key only one side has is a field added or removed by a code change, not a change of this run
     refused = [k for k in changed if k.startswith(RESUME_REFUSED) and k not in RESUME_MODEL_SAFE

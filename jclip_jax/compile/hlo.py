@@ -66,8 +66,8 @@ class Analysis:
 
     matmul_flops: float = 0.0
     matmul_flops_once: float = 0.0  # every loop body counted once (what cost_analysis() does)
-    dtype_mix: dict = dataclasses.field(default_factory=collections.Counter)  # 'bf16 x bf16 -> f32' -> FLOPs
-    # the same key -> {'file.py:line function [jax op_name]': FLOPs}: the Python line each mix comes from
+    # dtype mix ('bf16 x bf16 -> f32') -> {'file.py:line function [jax op_name]': FLOPs}: where each mix
+    # comes from, down to the Python line
     matmul_sources: dict = dataclasses.field(default_factory=dict)
     # 'kind shape' (layout dropped) -> {'count': n, 'bytes': b}: which arrays the traffic is made of
     collective_arrays: dict = dataclasses.field(default_factory=dict)
@@ -75,6 +75,17 @@ class Analysis:
     loops: list = dataclasses.field(default_factory=list)  # (while name, trip count)
     unknown_trip_counts: list = dataclasses.field(default_factory=list)
     unknown_kernels: list = dataclasses.field(default_factory=list)  # custom kernels whose FLOPs are not known
+
+    @property
+    def dtype_mix(self) -> dict:
+        """dtype mix -> matmul FLOPs, summed over `matmul_sources`."""
+        return {mix: sum(sources.values()) for mix, sources in self.matmul_sources.items()}
+
+    def add_matmul(self, mix: str, source: str, flops: float, times: float) -> None:
+        self.matmul_flops += times * flops
+        self.matmul_flops_once += flops
+        sources = self.matmul_sources.setdefault(mix, {})
+        sources[source] = sources.get(source, 0.0) + times * flops
 
     @property
     def collectives(self) -> dict:
@@ -416,33 +427,24 @@ def analyze(text: str) -> Analysis:
         for instr in instrs:
             op = instr.opcode
             if op in ("dot", "convolution"):
-                flops = matmul_flops(instr, shapes)
-                result.matmul_flops += times * flops
-                result.matmul_flops_once += flops
                 lhs, rhs = (shapes[o].arrays[0][0] for o in instr.operands[:2])
                 precision = re.search(r"operand_precision=\{(\w+)", instr.attrs)
                 key = f"{lhs} x {rhs} -> {instr.arrays[0][0]}"
                 if precision and precision.group(1).lower() != "default":
                     key += f" ({precision.group(1).lower()})"
-                result.dtype_mix[key] += times * flops
                 frame = re.search(r"stack_frame_id=(\d+)", instr.attrs)
                 op_name = re.search(r'op_name="(?:jit\([^)]*\)/)?([^"]*)"', instr.attrs)
                 source = lines.get(int(frame.group(1)), "?") if frame else "?"
                 source += f" [{op_name.group(1)}]" if op_name else ""
-                sources = result.matmul_sources.setdefault(key, collections.Counter())
-                sources[source] += times * flops
+                result.add_matmul(key, source, matmul_flops(instr, shapes), times)
             if op == "custom-call" and 'custom_call_target="tpu_custom_call"' in instr.attrs:
                 flops = kernel_flops(instr, shapes)
                 if flops is None:
                     result.unknown_kernels.append(instr.name)
                 else:
-                    result.matmul_flops += times * flops
-                    result.matmul_flops_once += flops
                     lhs, rhs = (shapes[o].arrays[0][0] for o in instr.operands[:2])
-                    key = f"{lhs} x {rhs} -> f32 (pallas kernel)"
-                    result.dtype_mix[key] += times * flops
-                    result.matmul_sources.setdefault(key, collections.Counter())[instr.name.split(".")[0]] += \
-                        times * flops
+                    result.add_matmul(f"{lhs} x {rhs} -> f32 (pallas kernel)", instr.name.split(".")[0], flops,
+                                      times)
             kind = op.removesuffix("-start")
             if kind == "all-reduce" and name.startswith("all-reduce-scatter"):
                 # TPU's reduce-scatter: a kCustom fusion `all-reduce-scatter.N` wrapping an all-reduce and
@@ -463,6 +465,4 @@ def analyze(text: str) -> Analysis:
         entry_ = result.collective_arrays.setdefault(array, {"count": 0, "bytes": 0.0})
         entry_["count"] += times
         entry_["bytes"] += times * size
-    result.dtype_mix = dict(result.dtype_mix)
-    result.matmul_sources = {k: dict(v) for k, v in result.matmul_sources.items()}
     return result

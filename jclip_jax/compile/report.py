@@ -130,15 +130,16 @@ def hlo_fields(analysis: hlo.Analysis, report: dict) -> dict:
     compute_s = analysis.matmul_flops / chip.peak_flops
     memory_s = analysis.hbm_bytes / chip.hbm_bandwidth
     bound = max(compute_s, memory_s)
-    mix_total = sum(analysis.dtype_mix.values()) or 1.0
+    mix = analysis.dtype_mix
+    mix_total = sum(mix.values()) or 1.0
     return {
         "hlo_matmul_flops": analysis.matmul_flops,
         "flops_ratio": analysis.matmul_flops / model_flops if model_flops else float("nan"),
         "unknown_trip_counts": analysis.unknown_trip_counts,
         "unknown_kernels": sorted(set(analysis.unknown_kernels)),
         "loops": len(analysis.loops),
-        "dtype_mix": {k: v / mix_total for k, v in sorted(analysis.dtype_mix.items(), key=lambda kv: -kv[1])},
-        "matmul_sources": _minority_sources(analysis, mix_total),
+        "dtype_mix": {k: v / mix_total for k, v in sorted(mix.items(), key=lambda kv: -kv[1])},
+        "matmul_sources": _minority_sources(analysis.matmul_sources, mix, mix_total),
         "collectives": analysis.collectives, "collective_bytes": analysis.collective_bytes,
         "largest_collectives": dict(sorted(analysis.collective_arrays.items(), key=lambda kv: -kv[1]["bytes"])[:8]),
         "hbm_traffic_bytes": analysis.hbm_bytes,
@@ -148,13 +149,12 @@ def hlo_fields(analysis: hlo.Analysis, report: dict) -> dict:
     }
 
 
-def _minority_sources(analysis: hlo.Analysis, total: float, top: int = 3) -> dict:
+def _minority_sources(sources: dict, mix: dict, total: float, top: int = 3) -> dict:
     """Where the matmuls outside the main dtype mix come from: mix -> {jax op_name: share of all matmul FLOPs},
     the `top` largest per mix, so an f32 matmul in a bf16 config can be traced to the line that made it."""
-    mixes = sorted(analysis.dtype_mix, key=lambda k: -analysis.dtype_mix[k])[1:]
-    return {mix: {name: flops / total for name, flops in sorted(analysis.matmul_sources[mix].items(),
-                                                                 key=lambda kv: -kv[1])[:top]}
-            for mix in mixes}
+    minority = sorted(mix, key=lambda k: -mix[k])[1:]
+    return {k: {name: flops / total for name, flops in sorted(sources[k].items(), key=lambda kv: -kv[1])[:top]}
+            for k in minority}
 
 
 def _gib(x: float) -> str:

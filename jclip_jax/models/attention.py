@@ -52,13 +52,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask:
 
 def _platform() -> str:
     """The platform the step is traced for: the mesh's devices (AOT compiles target TPU from a CPU host)."""
-    context = layers._ACTIVATION_MESH.get()
+    context = layers.activation_mesh()
     return context[0].devices.flat[0].platform if context is not None else jax.default_backend()
 
 
 def _sharded(kernel, q, k, v, key_mask):
     """kernel(q, k, v, key_mask) on each device's rows (and heads, under 'tensor') of the batch."""
-    context = layers._ACTIVATION_MESH.get()
+    context = layers.activation_mesh()
     if context is None:
         return kernel(q, k, v, key_mask)
     from jclip_jax import sharding

@@ -64,6 +64,11 @@ def activation_sharding(mesh, rules):
         _ACTIVATION_MESH.reset(token)
 
 
+def activation_mesh():
+    """(mesh, rules) while the train step is traced inside `activation_sharding`, else None."""
+    return _ACTIVATION_MESH.get()
+
+
 def constrain_activation(x: jax.Array, *names: str | None) -> jax.Array:
     """Sharding constraint on an activation by logical axis names, one per dimension of x.
 
