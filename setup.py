@@ -48,7 +48,7 @@ setup(
         "console_scripts": [
             "jclip-convert=jclip_jax.convert.cli:main",
             "jclip-prepare=jclip_jax.data.prepare:main",
-            "jclip-train=jclip_jax.train:run",
+            "jclip-train=jclip_jax.training.cli:run",
             "jclip-eval=jclip_jax.evals.cli:main",
             "jclip-compile=jclip_jax.compile.cli:run",
         ],

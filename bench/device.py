@@ -29,13 +29,14 @@ if "--smoke" in sys.argv:  # before jax is imported: with libtpu installed jax w
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from jclip_jax import flops, optim, sharding, train_step  # noqa: E402
 from jclip_jax.models import configs  # noqa: E402
 from jclip_jax.models.clip import JinaCLIP  # noqa: E402
+from jclip_jax.training import flops  # noqa: E402
+from jclip_jax.training.config import base_config  # noqa: E402
+from jclip_jax.training.setup import random_batch, setup  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -58,34 +59,35 @@ def timed(fn, steps: int) -> float:
     return statistics.median(times)
 
 
-def random_batch(model_cfg, rows: int, length: int, seed: int = 0) -> dict:
+def tower_inputs(model_cfg, rows: int, length: int, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     size, vocab = model_cfg.vision.image_size, model_cfg.text.vocab_size
-    tokens = lambda: rng.integers(1, vocab, size=(rows, length)).astype(np.int32)  # noqa: E731
+    tokens = lambda: rng.integers(1, vocab, size=(rows, length)).astype(np.int32)
     return {"text_query": tokens(), "text_passage": tokens(), "image_caption": tokens(),
             "image": rng.normal(size=(rows, size, size, 3)).astype(np.float32)}
 
 
 def train_step_row(model_cfg, per_device: int, length: int, steps: int) -> dict:
-    """Median step time of the stage-1 step at `per_device` rows per task per device (raises if it OOMs)."""
-    mesh = sharding.make_mesh([("data", -1)])
-    tx = optim.make_optimizer(optim.default_config(1))
-    graphdef, state, shardings = train_step.create_train_state(
-        lambda: JinaCLIP(model_cfg, rngs=nnx.Rngs(0)), tx, mesh)
-    step = train_step.make_train_step(graphdef, tx, ml_collections.ConfigDict({"stage": 1}), mesh, shardings)
+    """Median step time of the stage-1 step at `per_device` rows per task per device (raises if it OOMs).
+    The step is jclip-train's own (training/setup.setup) for a stage-1 config at this batch and length."""
     rows = per_device * jax.device_count()
-    batch = jax.device_put(random_batch(model_cfg, rows, length), sharding.batch_sharding(mesh))
-    holder = {"state": state}
+    config = base_config(model_cfg, 1)
+    config.mesh = (("data", -1),)
+    config.data.synthetic_dir = "data/synthetic"  # fills the data paths; nothing is read without a workdir
+    config.data.image_batch_size = config.data.text_batch_size = rows
+    config.data.image_max_length = config.data.text_max_length = length
+    run = setup(config)
+    batch = random_batch(run)
+    holder = {"state": run.init_state()}
 
-    def run():
-        holder["state"], metrics = step(holder["state"], batch, jax.random.key(0))
+    def step():
+        holder["state"], metrics = run.step(holder["state"], batch, jax.random.key(0))
         return metrics
 
-    seconds = timed(run, steps)
-    model_flops = flops.train_step_flops(model_cfg, rows, rows, length)
+    seconds = timed(step, steps)
     peak, source = flops.peak_flops_per_device()
-    return {"per_device_batch": per_device, "step_s": seconds, "pairs_per_s": 2 * rows / seconds,
-            "mfu": model_flops / seconds / (peak * jax.device_count()), "peak_source": source}
+    return {"per_device_batch": per_device, "step_s": seconds, "pairs_per_s": run.pairs_per_step / seconds,
+            "mfu": run.model_flops() / seconds / (peak * jax.device_count()), "peak_source": source}
 
 
 def largest_fitting(model_cfg, args, length: int) -> dict | None:
@@ -106,7 +108,7 @@ def largest_fitting(model_cfg, args, length: int) -> dict | None:
 def tower_rows(model_cfg, rows: int, length: int, steps: int) -> list[dict]:
     model = JinaCLIP(model_cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
-    batch = random_batch(model_cfg, rows, length)
+    batch = tower_inputs(model_cfg, rows, length)
     out = []
     for tower, key, call in (("text", "text_query", "text_features"), ("image", "image", "image_features")):
         x = jnp.asarray(batch[key])

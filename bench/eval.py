@@ -46,7 +46,7 @@ def main(argv=None):
     from PIL import Image
 
     from jclip_jax.data import synthetic
-    from jclip_jax.evals.embed import Embedder
+    from jclip_jax.evals.embedder import Embedder
     from jclip_jax.models import configs
     from jclip_jax.models.clip import JinaCLIP
     from jclip_jax.tokenizer import TextTokenizer

@@ -38,7 +38,7 @@ def main(argv=None):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from jclip_jax import losses
+    from jclip_jax.training import losses
 
     if jax.device_count() != args.devices:
         raise SystemExit(f"asked for {args.devices} devices, jax sees {jax.device_count()}")

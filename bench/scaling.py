@@ -30,7 +30,7 @@ GIB = 1024**3
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="v1", help="v1, v2 or v1,v2 (configs/jina_clip_<model>/stage<N>.py)")
+    p.add_argument("--models", default="v1", help="v1, v2 or v1,v2 (configs/jina_clip_<model>.py:stage=<N>)")
     p.add_argument("--stages", default="1,2,3")
     p.add_argument("--topologies", default=",".join(TOPOLOGIES))
     p.add_argument("--remat", default="on,off", help="on, off, dots (remat with the 'dots' policy)")
@@ -56,12 +56,12 @@ def run_one(model: str, stage: int, topology: str, remat: str, args) -> str:
     name = f"{model}_stage{stage}_{NAMES.get(topology, topology.replace(':', '_'))}_remat-{remat}"
     name += f"_{args.name}" if args.name else ""
     out = os.path.join(args.out, name + ".json")
-    cmd = [sys.executable, "-m", "jclip_jax.compile.cli", f"--config={ROOT}/configs/jina_clip_{model}/stage{stage}.py",
+    cmd = [sys.executable, "-m", "jclip_jax.compile.cli", f"--config={ROOT}/configs/jina_clip_{model}.py:stage={stage}",
            f"--topology={topology}", f"--json={out}", f"--hlo={out[:-5]}.hlo.txt", *REMAT[remat],
            *[f"--config.{e}" for e in args.extra]]
     env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1", JAX_PLATFORMS="cpu")
     if args.no_activation_constraints:
-        cmd.append("--noactivation_constraints")
+        cmd.append("--config.activation_constraints=False")
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=args.timeout)
     print(f"{name}: exit {proc.returncode} in {time.time() - t0:.0f} s", flush=True)

@@ -42,55 +42,47 @@ def main(argv=None):
                                    + f" --xla_force_host_platform_device_count={args.devices}").strip()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import jax
-    import ml_collections
-    import numpy as np
-    from flax import nnx
 
-    from jclip_jax import losses, optim, sharding, train_step
     from jclip_jax.models import configs
-    from jclip_jax.models.clip import JinaCLIP
+    from jclip_jax.training.config import base_config
+    from jclip_jax.training.setup import random_batch, setup
 
     model_cfg = configs.get(args.model)
     model_cfg.dtype = args.dtype
     model_cfg.remat = args.remat
-    mesh = sharding.make_mesh([("data", -1)])
-    tx = optim.make_optimizer(optim.default_config(args.stage))
-    t0 = time.perf_counter()
-    graphdef, state, shardings = train_step.create_train_state(lambda: JinaCLIP(model_cfg, rngs=nnx.Rngs(0)),
-                                                               tx, mesh)
-    init_s = time.perf_counter() - t0
+    b, length = args.batch, args.seq_len
 
-    rng = np.random.default_rng(0)
-    b, length, vocab = args.batch, args.seq_len, model_cfg.text.vocab_size
-    size = model_cfg.vision.image_size
-    tokens = lambda *shape: rng.integers(1, vocab, size=shape).astype(np.int32)  # noqa: E731
-    batch = {}
-    tasks = losses.STAGE_TASKS[args.stage]
-    if "text_pair" in tasks:
-        batch.update(text_query=tokens(b, length), text_passage=tokens(b, length))
-    if "text_triplet" in tasks:
-        batch.update(triplet_query=tokens(b, length), triplet_positive=tokens(b, length),
-                     triplet_negatives=tokens(b, 7, length))
-    image = rng.normal(size=(b, size, size, 3)).astype(np.float32)
-    batch.update(image_caption=tokens(b, length), image=image)
-    batch = jax.device_put(batch, sharding.batch_sharding(mesh))
-    loss_config = ml_collections.ConfigDict(dict(stage=args.stage, implementation=args.loss))
+    def run_config(micro_batches):
+        """The stage's training config at this batch and length (jclip-train's own set-up builds the step)."""
+        c = base_config(model_cfg, args.stage)
+        c.mesh = (("data", -1),)
+        c.data.synthetic_dir = "data/synthetic"  # fills the data paths; nothing is read without a workdir
+        c.data.image_batch_size = c.data.text_batch_size = b
+        c.data.image_max_length = c.data.text_max_length = length
+        c.loss.implementation = args.loss
+        c.micro_batches = micro_batches
+        return c
+
+    t0 = time.perf_counter()
+    state = setup(run_config(1)).init_state()
+    init_s = time.perf_counter() - t0
 
     def time_variant(micro_batches):
         nonlocal state
-        step = train_step.make_train_step(graphdef, tx, loss_config, mesh, shardings,
-                                          micro_batches=micro_batches)
+        run = setup(run_config(micro_batches))
+        batch = random_batch(run)
         t = time.perf_counter()
-        state, metrics = step(state, batch, jax.random.key(0))
+        state, metrics = run.step(state, batch, jax.random.key(0))
         jax.block_until_ready(metrics)
         first = time.perf_counter() - t  # compile + one step
         times = []
         for i in range(args.steps):
             t = time.perf_counter()
-            state, metrics = step(state, batch, jax.random.key(i + 1))
+            state, metrics = run.step(state, batch, jax.random.key(i + 1))
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - t)
-        return {"compile_and_first_s": round(first, 3), "step_s": round(statistics.median(times), 4)}
+        return {"compile_and_first_s": round(first, 3), "step_s": round(statistics.median(times), 4),
+                "inputs": len(batch)}
 
     plain = time_variant(1)
     cached = time_variant(args.micro_batches)
@@ -101,7 +93,7 @@ def main(argv=None):
         "plain": plain, "gradcache": cached,
         "gradcache_overhead": round(cached["step_s"] / plain["step_s"], 3),
     }
-    print(f"{args.model} stage {args.stage}, batch {b} x {len(batch)} inputs, {jax.device_count()} "
+    print(f"{args.model} stage {args.stage}, batch {b} x {plain['inputs']} inputs, {jax.device_count()} "
           f"{result['platform']} device(s): plain {plain['step_s']:.4f} s/step, "
           f"GradCache x{args.micro_batches} {cached['step_s']:.4f} s/step "
           f"({result['gradcache_overhead']:.2f}x)")

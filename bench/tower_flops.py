@@ -23,9 +23,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from jclip_jax import JinaCLIP, flops  # noqa: E402
+from jclip_jax import JinaCLIP  # noqa: E402
 from jclip_jax.models import configs, eva02, jina_bert  # noqa: E402
 from jclip_jax.models.clip import text_tower_type  # noqa: E402
+from jclip_jax.training import flops
 
 
 def seconds(fn, params, x, iters: int) -> float:

@@ -5,7 +5,7 @@
 """
 
 from jclip_jax.models import configs as model_configs
-from jclip_jax.train_config import base_config
+from jclip_jax.training.config import base_config
 
 
 def get_config(arg=None):

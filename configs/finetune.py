@@ -9,36 +9,21 @@ The config argument is where to start: a jina-clip HF directory (config.json + m
 tokenizer.json) or a jclip-train workdir. config.model and the tokenizer follow it, so nothing has to be
 kept in sync by hand. The loss is the image<->text InfoNCE alone (no text pairs needed).
 
-Fine-tuning controls (jclip_jax/optim.py), e.g.
+Fine-tuning controls (jclip_jax/training/optim.py), e.g.
     --config.optim.frozen='("^vision_model/",)'                    LiT: train the text tower only
     --config.optim.lr_mults='(("^vision_model/", 0.1),)'            a tenth of the lr for the image tower
     --config.optim.layer_decay.vision=0.75                          EVA-CLIP layer-wise lr decay
 """
 
-import os
-
-from jclip_jax.train_config import base_config
-
-
-def model_and_tokenizer(source: str):
-    """(model config, tokenizer path or "") of a jina-clip HF directory or a jclip-train workdir."""
-    if os.path.exists(os.path.join(source, "config.json")):
-        from jclip_jax.convert import hf_layout
-
-        tokenizer = next((os.path.join(source, n) for n in hf_layout.TOKENIZER_FILES
-                          if os.path.exists(os.path.join(source, n))), "")
-        return hf_layout.read_config(source), tokenizer
-    from jclip_jax import checkpoints
-
-    saved = checkpoints.restore_config(source)  # FileNotFoundError naming the path if it is neither
-    return saved.model, saved.data.get("tokenizer_path", "")
+from jclip_jax.loading import model_config_and_tokenizer
+from jclip_jax.training.config import base_config
 
 
 def get_config(arg=None):
     if not arg:
         raise ValueError("configs/finetune.py needs the model to start from: "
                          "--config configs/finetune.py:PATH (a jina-clip directory or a jclip-train workdir)")
-    model, tokenizer = model_and_tokenizer(arg)
+    model, tokenizer = model_config_and_tokenizer(arg)
     c = base_config(model, stage=1)
     c.init.checkpoint = arg
     c.data.tokenizer_path = tokenizer

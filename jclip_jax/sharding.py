@@ -31,13 +31,11 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
 )
 
 
-def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh from (name, size) pairs; at most one size may be -1 (all remaining devices).
+def mesh_shape(axes: Sequence[tuple[str, int]], num_devices: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """config.mesh (name, size) pairs, at most one size -1 (all remaining devices) -> (names, sizes).
 
-    Example: make_mesh([("data", -1), ("fsdp", 2), ("tensor", 1)]) on 8 devices -> (4, 2, 1).
-    Axes are `Auto` (GSPMD propagates shardings; shard_map regions name the axes explicitly).
+    Example: mesh_shape([("data", -1), ("fsdp", 2), ("tensor", 1)], 8) -> (("data", "fsdp", "tensor"), (4, 2, 1)).
     """
-    devices = list(jax.devices() if devices is None else devices)
     names = [name for name, _ in axes]
     sizes = [size for _, size in axes]
     if not axes or len(set(names)) != len(names):
@@ -46,17 +44,42 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | N
         raise ValueError(f"config.mesh={list(axes)}: sizes must be positive ints, with at most one -1")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"config.mesh={list(axes)}: {len(devices)} devices are not divisible by {known}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
-        raise ValueError(f"config.mesh={list(axes)} needs {math.prod(sizes)} devices; "
-                         f"there are {len(devices)}")
-    device_grid = np.asarray(devices).reshape(sizes)
-    return Mesh(device_grid, tuple(names), axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+        if num_devices % known:
+            raise ValueError(f"config.mesh={list(axes)}: {num_devices} devices are not divisible by {known}")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"config.mesh={list(axes)} needs {math.prod(sizes)} devices; there are {num_devices}")
+    return tuple(names), tuple(sizes)
 
 
-def _mesh_axes_of(logical_name: str | None, rules, mesh: Mesh) -> tuple[str, ...]:
+def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None,
+              num_slices: int | None = None) -> Mesh:
+    """config.mesh on `devices` (default: all of jax's), laid out along the physical torus on TPU (jax's
+    mesh_utils; a plain reshape on CPU). The trainer and jclip-compile (abstract TPU devices) both use it.
+
+    Axis sizes need not match the physical axes (they may be split). With several slices (num_slices, default:
+    the devices' distinct slice_index) the first mesh axis (normally 'data') is the one that spans them; its
+    size must be a multiple of num_slices. Axes are `Auto` (GSPMD propagates shardings; shard_map regions
+    name the axes explicitly).
+    """
+    from jax.experimental import mesh_utils
+
+    devices = list(jax.devices() if devices is None else devices)
+    names, sizes = mesh_shape(axes, len(devices))
+    num_slices = num_slices or len({getattr(d, "slice_index", 0) for d in devices})
+    if num_slices > 1:
+        if sizes[0] % num_slices:
+            raise ValueError(f"config.mesh={list(axes)}: the first axis {names[0]}={sizes[0]} must be a "
+                             f"multiple of num_slices={num_slices}")
+        ici = (sizes[0] // num_slices, *sizes[1:])
+        dcn = (num_slices,) + (1,) * (len(sizes) - 1)
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+    else:
+        grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+    return Mesh(np.asarray(grid), names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+def mesh_axes_of(logical_name: str | None, rules, mesh: Mesh) -> tuple[str, ...]:
     """The mesh axes a logical name maps to (first matching rule), restricted to axes of this mesh."""
     if logical_name is None:
         return ()
@@ -80,7 +103,7 @@ def logical_to_mesh_spec(logical_spec: Sequence[str | None], shape: Sequence[int
     used: set[str] = set()
     out = []
     for name, dim in zip(logical_spec, shape, strict=True):
-        axes = tuple(a for a in _mesh_axes_of(name, rules, mesh) if a not in used)
+        axes = tuple(a for a in mesh_axes_of(name, rules, mesh) if a not in used)
         if not axes or dim % math.prod(mesh.shape[a] for a in axes):
             out.append(None)
             continue
@@ -109,7 +132,7 @@ def state_shardings(abstract_state, mesh: Mesh, rules=DEFAULT_RULES):
 
 def batch_axes(mesh: Mesh, rules=DEFAULT_RULES) -> tuple[str, ...]:
     """The mesh axes the batch is split over (the 'batch' rule restricted to this mesh)."""
-    return _mesh_axes_of("batch", rules, mesh)
+    return mesh_axes_of("batch", rules, mesh)
 
 
 def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:

@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name: str, arg: str | None = None):
-    """get_config(arg) of configs/<name>.py (e.g. 'demo', 'jina_clip_v2/stage2'), as jclip-train loads it."""
+    """get_config(arg) of configs/<name>.py (e.g. 'demo'; 'jina_clip_v2', 'stage=2'), as jclip-train loads it."""
     spec = importlib.util.spec_from_file_location(name.replace("/", "_"), os.path.join(REPO, "configs", name + ".py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

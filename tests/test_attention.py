@@ -1,4 +1,4 @@
-"""models/attention.py: the 'flash' path's wrapper (padding to the kernel's blocks, the key mask as segment
+"""models/layers.py: the 'flash' path's wrapper (padding to the kernel's blocks, the key mask as segment
 ids, the layout change, shard_map over the batch) against jax.nn.dot_product_attention, on the CPU mesh.
 
 The TPU kernel itself cannot run on a CPU; Pallas ships a pure-jnp reference of it (`mha_reference`, same
@@ -12,17 +12,17 @@ import pytest
 from jax.experimental.pallas.ops.tpu import flash_attention as fa
 
 from jclip_jax import sharding
-from jclip_jax.models import attention, layers
+from jclip_jax.models import layers
 
 
 @pytest.fixture
 def reference_kernel(monkeypatch):
     def kernel(q, k, v, segment_ids=None, sm_scale=1.0):
-        assert q.shape[2] % attention.BLOCK == 0  # padded to whole blocks, (B, heads, T, head_dim)
+        assert q.shape[2] % layers.FLASH_BLOCK == 0  # padded to whole blocks, (B, heads, T, head_dim)
         return fa.mha_reference(q, k, v, None, segment_ids=segment_ids, sm_scale=sm_scale)
 
     monkeypatch.setattr(fa, "flash_attention", kernel)
-    monkeypatch.setattr(attention, "_platform", lambda: "tpu")
+    monkeypatch.setattr(layers, "_platform", lambda: "tpu")
     with jax.default_matmul_precision("default"):  # some test modules set 'highest' globally at import
         yield
 
@@ -36,7 +36,7 @@ def test_flash_wrapper_matches_xla_attention(reference_kernel, masked, on_mesh):
     key_mask = jnp.arange(t)[None, :] < lengths[:, None] if masked else None
 
     def flash(q, k, v, key_mask):
-        return attention.dot_product_attention(q, k, v, key_mask=key_mask, implementation="flash")
+        return layers.dot_product_attention(q, k, v, key_mask=key_mask, implementation="flash")
 
     if on_mesh:
         mesh = sharding.make_mesh([("data", 4), ("fsdp", 2)])
@@ -55,9 +55,9 @@ def test_flash_wrapper_matches_xla_attention(reference_kernel, masked, on_mesh):
 def test_flash_with_a_bias_keeps_xla_and_flash_on_cpu_fails_in_one_line():
     q = jnp.ones((2, 8, 2, 4))
     bias = jnp.zeros((2, 8, 8))  # JinaBERT's ALiBi: the TPU kernel has no bias input
-    np.testing.assert_array_equal(attention.dot_product_attention(q, q, q, bias=bias, implementation="flash"),
+    np.testing.assert_array_equal(layers.dot_product_attention(q, q, q, bias=bias, implementation="flash"),
                                   jax.nn.dot_product_attention(q, q, q, bias=bias))
     with pytest.raises(ValueError, match=r"^model.attention='flash' needs a TPU or a GPU; this step runs on 'cpu'"):
-        attention.dot_product_attention(q, q, q, implementation="flash")
+        layers.dot_product_attention(q, q, q, implementation="flash")
     with pytest.raises(ValueError, match=r"model.attention='fast'; known"):
-        attention.dot_product_attention(q, q, q, implementation="fast")
+        layers.dot_product_attention(q, q, q, implementation="fast")

@@ -16,8 +16,9 @@ from helpers import load_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jclip_jax import flops
+from jclip_jax import sharding
 from jclip_jax.compile import hlo, program, report, topology
+from jclip_jax.training import flops
 
 pytest.importorskip("libtpu", reason="needs the tpu extra (pip install -e '.[tpu]')")
 
@@ -44,7 +45,7 @@ def compiled_tiny():
 def test_hlo_flops_count_loop_trip_counts_on_a_calibration_program():
     """A scan of L matmuls (forward + backward), a fori_loop starting at 1 and a strided conv: the HLO
     count equals the hand count per device; cost_analysis() counts each loop body once."""
-    mesh = topology.make_mesh((("data", -1),), topology.topology_devices(TOPOLOGY))
+    mesh = sharding.make_mesh((("data", -1),), topology.topology_devices(TOPOLOGY))
     layers, m, k, trips = 6, 64, 256, 3
 
     def scan_loss(ws, x):
@@ -78,7 +79,7 @@ def test_flash_attention_compiles_for_tpu_and_its_kernels_are_counted():
     counts the forward kernel from its cost estimate and the two backward kernels from their dots, so no
     kernel is left uncounted, and the attention logits no longer appear as XLA matmuls. Under a global
     'highest' matmul precision (which some test modules set at import) it fails in one line instead."""
-    c = load_config("jina_clip_v2/stage1", "runlocal")
+    c = load_config("jina_clip_v2", "stage=1,runlocal")
     c.model.dtype, c.model.vision.patch_dropout, c.model.attention = "bfloat16", 0.0, "flash"
     c.data.update(SMALL)
     with jax.default_matmul_precision("highest"), pytest.raises(ValueError, match="jax_default_matmul_precision"):
@@ -97,10 +98,9 @@ def test_fsdp_embedding_lookup_moves_rows_not_the_table():
     jnp.take by all-gathering the whole table and all-reducing a whole-table gradient (v2: 250,002 x 1,024).
     layers.embedding_lookup moves only ids and looked-up rows (one all-to-all each way); the table's
     gradient stays a width slice, reduced over 'data' only."""
-    from jclip_jax import sharding
     from jclip_jax.models import layers
 
-    mesh = topology.make_mesh((("data", 2), ("fsdp", 2), ("tensor", 1)), topology.topology_devices(TOPOLOGY))
+    mesh = sharding.make_mesh((("data", 2), ("fsdp", 2), ("tensor", 1)), topology.topology_devices(TOPOLOGY))
     vocab, width, batch, length = 8191, 512, 256, 128  # as many tokens per chip as rows in the table
 
     def collectives(lookup):
@@ -161,7 +161,7 @@ def test_fsdp_weight_gradient_is_counted_as_a_reduce_scatter():
     per device, reduced and kept sharded. On TPU XLA emits that as an `all-reduce-scatter` fusion around an
     all-reduce; the analysis must count it as one reduce-scatter of the full gradient, not an all-reduce,
     and the forward's weight all-gather as one all-gather of the full weight."""
-    mesh = topology.make_mesh((("fsdp", -1),), topology.topology_devices(TOPOLOGY))
+    mesh = sharding.make_mesh((("fsdp", -1),), topology.topology_devices(TOPOLOGY))
     m, k = 64, 512
 
     def weight_grad(w, x):
@@ -190,7 +190,7 @@ def test_report_matches_the_compiled_programs_own_analyses(compiled_tiny):
     assert r["cost_analysis_flops"] == step.compiled.cost_analysis()["flops"]
     assert r["chips"] == 4 and r["mesh"] == {"data": 4}
     # Analytic model FLOPs (flops.py) per chip; compiled = model + the (small) loss, without remat.
-    model = flops.train_step_flops(step.config.model, 16, 16, 16) / 4
+    model = flops.train_step_flops(step.run.config.model, 16, 16, 16) / 4
     assert r["model_flops"] == model
     assert 0.97 < r["hlo_matmul_flops"] / model < 1.06
     assert r["hlo_matmul_flops"] > 1.3 * r["cost_analysis_flops"]  # scan over layers counted once there
@@ -203,7 +203,7 @@ def test_report_matches_the_compiled_programs_own_analyses(compiled_tiny):
     # the 'highest' ones to the loss, the tower's f32-logit attention ones to the towers' attention calls.
     sources = r["matmul_sources"]
     assert set(sources) == set(mix) - {max(mix, key=mix.get)}
-    assert all(name.startswith("losses.py:") for key in highest for name in sources[key])
+    assert all(name.startswith("training/losses.py:") for key in highest for name in sources[key])
     for key in sources.keys() - set(highest):
         assert all(name.startswith("models/") and "BTNH,BSNH->BNTS" in name for name in sources[key]), sources
     # Pure data parallelism: gradients all-reduced; every parameter replicated.

@@ -13,10 +13,14 @@ from flax import nnx
 from helpers import load_config
 from safetensors.numpy import load_file, save_file
 
-from jclip_jax import JinaCLIP, optim, train, train_config
+from jclip_jax import JinaCLIP
 from jclip_jax.convert import cli
 from jclip_jax.data import records, synthetic
 from jclip_jax.models import configs
+from jclip_jax.training import config as train_config
+from jclip_jax.training import loop as train
+from jclip_jax.training import optim
+from jclip_jax.training.setup import TrainSetup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
@@ -41,12 +45,12 @@ def no_compute(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the model was built / data was read before the config error")
 
-    monkeypatch.setattr(train.train_step, "create_train_state", forbidden)
+    monkeypatch.setattr(TrainSetup, "init_state", forbidden)
     monkeypatch.setattr(train.pipeline, "train_iterator", forbidden)
 
 
 def test_unknown_key_and_bad_override_are_one_line(tmp_path):
-    base = [sys.executable, "-m", "jclip_jax.train", f"--workdir={tmp_path}"]
+    base = [sys.executable, "-m", "jclip_jax.training.cli", f"--workdir={tmp_path}"]
     for args, wanted in ((["--config.foo=1"], "config override --config.foo=1: no such field"),  # default config
                          ([f"--config={DEMO}", "--config.data.fooo=2"], "--config.data.fooo=2: no such field"),
                          ([f"--config={DEMO}", "--config.total_steps=abc"], "--config.total_steps=abc")):
@@ -87,7 +91,7 @@ def test_prepared_dataset_with_no_records(synthetic_dir, tmp_path, no_compute):
 
 def test_short_runs_clip_the_warmup(synthetic_dir):
     for steps in (1, 7, 40, 51):
-        config = train.with_synthetic_paths(demo_config(synthetic_dir))
+        config = train_config.with_synthetic_paths(demo_config(synthetic_dir))
         config.total_steps = steps
         train_config.validate(config)  # the demo's warmup (50) no longer rejects short runs
         run = train_config.optim_for_run(config)

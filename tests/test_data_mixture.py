@@ -73,8 +73,8 @@ def test_mixture_batches_count_their_sources_and_resume_exactly(two_sources):
 
 
 def test_mixture_config_errors(tmp_path):
-    from jclip_jax import train_config
     from jclip_jax.models import configs
+    from jclip_jax.training import config as train_config
 
     config = train_config.base_config(configs.tiny(), stage=1)
     config.data.tokenizer_path = "tok.json"
@@ -83,5 +83,5 @@ def test_mixture_config_errors(tmp_path):
     with pytest.raises(ValueError, match=r"config.data.image_text entry \('data/laion', 0.0\) must be a "):
         train_config.validate(config)
     config.data.image_text = (("data/laion", 0.8), ("data/long", 0.2))
-    train_config.validate(config)  # no image_text_dir needed with a mixture
-    assert train_config.data_config(config).image_text_mixture == (("data/laion", 0.8), ("data/long", 0.2))
+    checked = train_config.validate(config)  # no image_text_dir needed with a mixture
+    assert checked.data.image_text_mixture == (("data/laion", 0.8), ("data/long", 0.2))

@@ -12,7 +12,10 @@ from PIL import Image
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
 from jclip_jax import preprocess
+from jclip_jax.data import batch as batch_schema
 from jclip_jax.data import pipeline, records
+from jclip_jax.evals import embedder, tasks
+from jclip_jax.tokenizer import TextTokenizer
 
 DATASETS = ("alpha", "beta", "gamma")
 WORDS = [*DATASETS] + [f"w{i}" for i in range(64)]
@@ -98,21 +101,21 @@ def test_eval_crop_of_a_known_image(data, tmp_path):
     with records.RecordWriter(tmp_path / "known", "image_text") as writer:
         writer.write({"image": buf_bands.getvalue(), "captions": ["w5 w6"]})
         writer.write({"image": buf_tall.getvalue(), "captions": ["w7", "w8"]})
-    eval_set = pipeline.retrieval_eval_set(str(tmp_path / "known"), str(data / "tokenizer.json"),
-                                           image_size=32, max_length=6)
+    # read as jclip-eval and the trainer's evaluation do: the prepared set, then the embedder's decode
+    known = tasks.load({"type": "image_text", "data": str(tmp_path / "known")})
+    images = np.stack([embedder.image_pixels(image, 32) for image in known["images"]])
     green = np.asarray(normalised((0, 255, 0)), np.float32)  # (-1.7923, 2.0748, -1.4802)
     np.testing.assert_allclose(green, [-1.7922626, 2.0748837, -1.4802198], rtol=1e-6)
-    images = eval_set["images"]
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.float32
     np.testing.assert_allclose(images[0], np.broadcast_to(green, (32, 32, 3)), rtol=1e-6)
     # bicubic support at 2x downscale is 4 input rows either side: crop rows 4..27 are pure green
     np.testing.assert_allclose(images[1, 4:28], np.broadcast_to(green, (24, 32, 3)), rtol=1e-6)
     assert not np.allclose(images[1, 0], green)  # the top crop row does blend in red
     w = VOCAB["w0"]
-    np.testing.assert_array_equal(eval_set["text"], [[2, w + 5, w + 6, 3, 0, 0], [2, w + 7, 3, 0, 0, 0],
-                                                     [2, w + 8, 3, 0, 0, 0]])
-    np.testing.assert_array_equal(eval_set["text_image"], [0, 1, 1])
-    assert eval_set["decode_failures"] == 0
+    text = TextTokenizer(str(data / "tokenizer.json"))(known["captions"], 6, buckets=None)
+    np.testing.assert_array_equal(text, [[2, w + 5, w + 6, 3, 0, 0], [2, w + 7, 3, 0, 0, 0], [2, w + 8, 3, 0, 0, 0]])
+    np.testing.assert_array_equal(known["owner"], [0, 1, 1])
+    assert known["counts"]["skipped_records"] == 0
 
 
 def test_random_resized_crop_box_hand_derived():
@@ -164,14 +167,12 @@ def test_process_shares_stack_into_the_single_process_batch(data):
         for _ in range(12):  # several epochs of the 7 images; several draws of the 3 text datasets
             whole = next(single)
             parts = [next(it) for it in shares]
-            for task in ("image_text", "text"):
-                for key, value in whole[task].items():
-                    if key == "dataset":  # a per-process scalar: the same dataset at every process
-                        assert [int(part[task][key]) for part in parts] == [int(value)] * n
-                    if np.ndim(value) == 0:
-                        continue
-                    stacked = np.concatenate([part[task][key] for part in parts])
-                    np.testing.assert_array_equal(stacked, value, err_msg=f"{n} processes {task}.{key}")
+            for key, value in whole.items():
+                if key == batch_schema.STATS_KEY:  # per-process values: the same text dataset at every process
+                    assert [int(part[key]["text_dataset"]) for part in parts] == [int(value["text_dataset"])] * n
+                    continue
+                stacked = np.concatenate([part[key] for part in parts])
+                np.testing.assert_array_equal(stacked, value, err_msg=f"{n} processes {key}")
 
 
 # ------------------------------------------------------------------------------------------------ text
@@ -197,7 +198,6 @@ def test_dataset_selection_follows_weights():
 
 def test_text_batches_one_dataset_each_with_weights(data):
     cfg = config(data, text_weights={"alpha": 0.6, "beta": 0.3, "gamma": 0.1})
-    assert pipeline.text_dataset_names(cfg) == list(DATASETS)
     it = iter(pipeline.text_dataset(cfg, share=(0, 1)))
     counts, alpha_queries = np.zeros(3), []
     for _ in range(200):
@@ -249,9 +249,11 @@ def test_resume_yields_the_same_batches(data):
     cfg = config(data)
     it = pipeline.train_iterator(cfg, share=(0, 1))
     first = next(it)
-    assert {k: v.shape for k, v in first["image_text"].items()} == {
-        "image": (4, 16, 16, 3), "text": (4, 8), "decode_failures": ()}
-    assert set(first["text"]) == {"query", "positive", "dataset"}
+    # the step's keys (data/batch.py) for image-text pairs and text pairs, and the per-process stats
+    assert {k: v.shape for k, v in first.items() if k != batch_schema.STATS_KEY} == {
+        "image": (4, 16, 16, 3), "image_caption": (4, 8), "text_query": (4, 6), "text_passage": (4, 6)}
+    assert {k: np.shape(v) for k, v in first[batch_schema.STATS_KEY].items()} == {
+        "decode_failures": (), "text_dataset": ()}
     for _ in range(4):
         next(it)
     state = it.get_state()
@@ -293,9 +295,10 @@ def test_make_global_batch(data):
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     local = next(pipeline.train_iterator(config(data, image_batch_size=8, text_batch_size=8), share=(0, 1)))
     global_batch = pipeline.make_global_batch(local, mesh)
-    image = global_batch["image_text"]["image"]
+    image = global_batch["image"]
     assert isinstance(image, jax.Array) and image.shape == (8, 16, 16, 3)
     assert image.sharding.spec == jax.sharding.PartitionSpec("data")
     assert len(image.addressable_shards) == 8 and image.addressable_shards[0].data.shape == (1, 16, 16, 3)
-    np.testing.assert_array_equal(np.asarray(global_batch["text"]["query"]), local["text"]["query"])
-    assert global_batch["image_text"]["decode_failures"] == local["image_text"]["decode_failures"]
+    np.testing.assert_array_equal(np.asarray(global_batch["text_query"]), local["text_query"])
+    stats = batch_schema.STATS_KEY  # per-process scalars stay numpy values
+    assert global_batch[stats]["decode_failures"] == local[stats]["decode_failures"]

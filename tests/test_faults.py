@@ -20,10 +20,14 @@ import pytest
 from flax import nnx
 from helpers import load_config
 
-from jclip_jax import checkpoints, distributed, optim, sharding, train, train_config, train_step, workdir_lock
+from jclip_jax import distributed, sharding
 from jclip_jax.data import records, synthetic
 from jclip_jax.models import configs
 from jclip_jax.models.clip import JinaCLIP
+from jclip_jax.training import checkpoints, optim, workdir_lock
+from jclip_jax.training import config as train_config
+from jclip_jax.training import loop as train
+from jclip_jax.training import step as train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -199,7 +203,7 @@ def test_changed_config_on_resume(trained, synthetic_dir, tmp_path):
     assert "\n" not in message
     assert "config.data.image_batch_size 16 -> 8" in message and "config.model.vision.width 64 -> 32" in message
     saved = checkpoints.saved_config(checkpoints.manager(workdir))
-    allowed = train_config.resume_changes(saved, train.with_synthetic_paths(
+    allowed = train_config.resume_changes(saved, train_config.with_synthetic_paths(
         demo_config(synthetic_dir, total_steps=10, log_every=1, **{"model.remat": True})))
     assert [line.split(":")[0] for line in allowed] == ["config.log_every", "config.model.remat",
                                                          "config.total_steps"]
@@ -207,7 +211,7 @@ def test_changed_config_on_resume(trained, synthetic_dir, tmp_path):
 
 HOLD_LOCK = """
 import sys, time
-from jclip_jax import workdir_lock
+from jclip_jax.training import workdir_lock
 
 with workdir_lock.hold(sys.argv[1]):
     print("locked", flush=True)

@@ -5,16 +5,16 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jclip_jax import train_step
 from jclip_jax.models import configs
 from jclip_jax.models.clip import JinaCLIP
+from jclip_jax.training import step as train_step
 
 
 def test_one_text_tower_call_equals_one_call_per_key():
     model = JinaCLIP(configs.tiny(), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     rng = np.random.default_rng(0)
-    ids = lambda *shape: rng.integers(1, 512, size=shape).astype(np.int32)  # noqa: E731
+    ids = lambda *shape: rng.integers(1, 512, size=shape).astype(np.int32)
     batch = {"text_query": ids(4, 12), "text_passage": ids(4, 12), "image_caption": ids(4, 12),
              "triplet_negatives": ids(4, 3, 12), "triplet_query": ids(6, 12),  # another row count: own call
              "image": rng.normal(size=(4, 32, 32, 3)).astype(np.float32)}

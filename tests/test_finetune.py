@@ -9,11 +9,13 @@ import pytest
 from flax import nnx
 from helpers import load_config
 
-from jclip_jax import JinaCLIP, checkpoints, train
+from jclip_jax import JinaCLIP
 from jclip_jax.convert import cli, hf_layout
 from jclip_jax.data import prepare, synthetic
 from jclip_jax.models import configs
 from jclip_jax.tokenizer import TextTokenizer
+from jclip_jax.training import checkpoints
+from jclip_jax.training import loop as train
 
 
 def finetune_config(arg):

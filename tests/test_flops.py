@@ -3,8 +3,8 @@
 import ml_collections
 import pytest
 
-from jclip_jax.flops import image_forward_flops, text_forward_flops, train_step_flops
 from jclip_jax.models import configs
+from jclip_jax.training.flops import image_forward_flops, text_forward_flops, train_step_flops
 
 
 def test_text_flops_by_hand():

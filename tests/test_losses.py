@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from jclip_jax import losses
+from jclip_jax.training import losses
 from tests.torch_compat import import_open_clip
 
 jax.config.update("jax_default_matmul_precision", "highest")

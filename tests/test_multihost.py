@@ -53,7 +53,7 @@ class Run:
             log = f"{self.workdir}.run{len(Run.started)}.process{i}.log"
             os.makedirs(os.path.dirname(log), exist_ok=True)
             with open(log, "w") as f:
-                proc = subprocess.Popen([sys.executable, "-m", "jclip_jax.train", f"--config={DEMO}",
+                proc = subprocess.Popen([sys.executable, "-m", "jclip_jax.training.cli", f"--config={DEMO}",
                                          f"--workdir={self.workdir}", *overrides],
                                         stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=child_env)
             self.logs.append(log)
@@ -119,7 +119,8 @@ def final_params(workdir, step=STEPS) -> dict:
     import jax
     from flax import nnx
 
-    from jclip_jax import JinaCLIP, checkpoints
+    from jclip_jax import JinaCLIP
+    from jclip_jax.training import checkpoints
 
     abstract = nnx.eval_shape(lambda: JinaCLIP(checkpoints.restore_config(workdir).model, rngs=nnx.Rngs(0)))
     params, got = checkpoints.restore_params(workdir, nnx.state(abstract, nnx.Param), step=step)

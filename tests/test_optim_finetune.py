@@ -9,9 +9,9 @@ import torch
 from flax import nnx
 from test_train_step_optim import cosine_with_warmup
 
-from jclip_jax import optim
 from jclip_jax.models import configs
 from jclip_jax.models.clip import JinaCLIP
+from jclip_jax.training import optim
 
 
 def test_lr_and_wd_multipliers_equal_torch_adamw_param_groups():

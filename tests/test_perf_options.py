@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jclip_jax import losses, sharding
+from jclip_jax import sharding
 from jclip_jax.models import configs, layers
 from jclip_jax.models.clip import JinaCLIP
+from jclip_jax.training import losses
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

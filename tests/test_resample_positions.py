@@ -4,11 +4,13 @@ everything else carried over unchanged."""
 import numpy as np
 from flax import nnx
 
-from jclip_jax import optim, sharding, train, train_step
+from jclip_jax import sharding
 from jclip_jax.convert import hf_layout
 from jclip_jax.models import configs
 from jclip_jax.models.clip import JinaCLIP
 from jclip_jax.models.eva02 import resample_pos_embed
+from jclip_jax.training import initial_weights, optim
+from jclip_jax.training import step as train_step
 
 
 def test_resample_keeps_cls_and_constant_fields_and_is_identity_on_the_same_grid():
@@ -37,7 +39,7 @@ def test_initial_weights_from_another_image_size_load_with_resampled_positions()
     _, state, shardings = train_step.create_train_state(lambda: JinaCLIP(target_cfg, rngs=nnx.Rngs(0)), tx, mesh)
 
     params = hf_layout.flax_params(source)
-    loaded = hf_layout.flat_values(train.load_initial_params(state, shardings, params, tx)["params"])
+    loaded = hf_layout.flat_values(initial_weights.fresh_state(state, shardings, params, tx)["params"])
     pos = ("vision_model", "pos_embed")
     assert loaded[pos].shape == (1, 37, 64)
     np.testing.assert_allclose(loaded[pos], resample_pos_embed(np.asarray(params[pos]), 6), rtol=1e-6)

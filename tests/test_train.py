@@ -13,10 +13,12 @@ import pytest
 from flax import nnx
 from helpers import load_config
 
-from jclip_jax import JinaCLIP, checkpoints, train, train_config
+from jclip_jax import JinaCLIP
 from jclip_jax.convert import cli, hf_layout
 from jclip_jax.data import synthetic
 from jclip_jax.evals import cli as eval_cli
+from jclip_jax.training import checkpoints, initial_weights, setup
+from jclip_jax.training import loop as train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
@@ -37,7 +39,7 @@ def small_overrides(synthetic_dir, steps=8, every=4):
 
 
 def run_trainer(workdir, overrides, wait=True):
-    cmd = [sys.executable, "-m", "jclip_jax.train", f"--config={DEMO}", f"--workdir={workdir}", *overrides]
+    cmd = [sys.executable, "-m", "jclip_jax.training.cli", f"--config={DEMO}", f"--workdir={workdir}", *overrides]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     if wait:
         out, _ = proc.communicate(timeout=600)
@@ -120,7 +122,7 @@ def test_stage_chaining_and_export(tmp_path, synthetic_dir):
         str(tmp_path / "stage1"), nnx.state(nnx.eval_shape(lambda: JinaCLIP(demo.model, rngs=nnx.Rngs(0))),
                                             nnx.Param))
     abstract = nnx.state(nnx.eval_shape(lambda: JinaCLIP(stage2.model, rngs=nnx.Rngs(0))), nnx.Param)
-    start_params, origin = train.initial_params(stage2, abstract)
+    start_params, origin = initial_weights.initial_params(stage2, abstract)
     assert "step 4" in origin
     for a, b in zip(jax.tree.leaves(start_params), jax.tree.leaves(stage1_params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -129,15 +131,13 @@ def test_stage_chaining_and_export(tmp_path, synthetic_dir):
     with pytest.raises(ValueError, match=r"config.init.checkpoint='.*stage1' holds another model: parameter "
                        r"text_model/.* is \(2, .* there, \(3, .* in config.model \(model.text.num_hidden_layers 2 "
                        r"there, 3 here\)$"):
-        train.initial_params(other, nnx.state(nnx.eval_shape(lambda: JinaCLIP(other.model, rngs=nnx.Rngs(0))),
+        initial_weights.initial_params(other, nnx.state(nnx.eval_shape(lambda: JinaCLIP(other.model, rngs=nnx.Rngs(0))),
                                               nnx.Param))
     train.train(stage2, str(tmp_path / "stage2"))
     assert checkpoints.latest_step(str(tmp_path / "stage2")) == 3  # its own step counter
     mngr = checkpoints.manager(str(tmp_path / "stage2"))
-    graphdef, state, shardings = train.train_step.create_train_state(
-        lambda: JinaCLIP(stage2.model, rngs=nnx.Rngs(0)),
-        train.optim.make_optimizer(train_config.optim_for_run(stage2)), train.sharding.make_mesh(stage2.mesh))
-    restored = checkpoints.restore(mngr, 3, jax.eval_shape(lambda: state), shardings, None)
+    run = setup.setup(stage2)
+    restored = checkpoints.restore(mngr, 3, run.abstract_state, run.shardings, None)
     counts = [np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(restored["opt_state"])
               if "count" in jax.tree_util.keystr(p)]
     assert counts and all(int(c) == 3 for c in counts)  # a fresh optimizer: 3 updates, not 4 + 3
@@ -153,15 +153,15 @@ def test_stage_chaining_and_export(tmp_path, synthetic_dir):
 
 
 def test_bad_config_fails_before_compute(tmp_path):
-    cmd = [sys.executable, "-m", "jclip_jax.train", f"--config={DEMO}", f"--workdir={tmp_path}"]
+    cmd = [sys.executable, "-m", "jclip_jax.training.cli", f"--config={DEMO}", f"--workdir={tmp_path}"]
     out = subprocess.run(cmd + ["--config.no_such_key=1"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode != 0 and "no_such_key" in out.stderr
     out = subprocess.run(cmd + ["--config.total_steps=-5"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and "config.total_steps=-5" in out.stderr
     out = subprocess.run(cmd + ["--config.data.crop_scale=(0.5,2.0)"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and "crop_scale" in out.stderr
-    stage1 = os.path.join(REPO, "configs", "jina_clip_v1", "stage1.py") + ":runlocal"
-    out = subprocess.run([sys.executable, "-m", "jclip_jax.train", f"--config={stage1}", f"--workdir={tmp_path}"],
+    stage1 = os.path.join(REPO, "configs", "jina_clip_v1.py") + ":stage=1,runlocal"
+    out = subprocess.run([*cmd[:3], f"--config={stage1}", f"--workdir={tmp_path}"],
                          capture_output=True, text=True, cwd=str(tmp_path))
     assert out.returncode == 2 and "these paths do not exist" in out.stderr
     assert "config.data.image_text_dir='data/laion400m'" in out.stderr and "config.init.eva02=" in out.stderr

@@ -10,9 +10,11 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jclip_jax import losses, optim, sharding, train_step
+from jclip_jax import sharding
 from jclip_jax.models import configs
 from jclip_jax.models.clip import JinaCLIP
+from jclip_jax.training import losses, optim
+from jclip_jax.training import step as train_step
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -26,7 +28,7 @@ def loss_config(**overrides):
 
 
 def tiny_batch(rng, b, tasks, length=12, negatives=3):
-    tokens = lambda *shape: rng.integers(1, 512, size=shape).astype(np.int32)  # noqa: E731
+    tokens = lambda *shape: rng.integers(1, 512, size=shape).astype(np.int32)
     batch = {}
     if "text_pair" in tasks:
         batch.update(text_query=tokens(b, length), text_passage=tokens(b, length))
@@ -69,7 +71,7 @@ def test_gradcache_step_equals_plain_step_and_state_is_sharded():
     mesh = sharding.make_mesh([("data", 4), ("fsdp", 2)])
     config = optim.default_config(1, warmup_steps=0, total_steps=10)  # Table 2's stage-1 peak lr
     tx = optim.make_optimizer(config)
-    make_model = lambda: JinaCLIP(configs.tiny(), rngs=nnx.Rngs(0))  # noqa: E731
+    make_model = lambda: JinaCLIP(configs.tiny(), rngs=nnx.Rngs(0))
     graphdef, state, shardings = train_step.create_train_state(make_model, tx, mesh)
     kernel = state["params"]["text_model"]["word_embeddings"]["embedding"][...]
     assert kernel.sharding.spec == P(None, "fsdp")  # ('vocab', 'embed'); no 'tensor' axis in this mesh

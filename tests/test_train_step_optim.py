@@ -10,9 +10,9 @@ import pytest
 import torch
 from flax import nnx
 
-from jclip_jax import optim
 from jclip_jax.models import configs
 from jclip_jax.models.clip import JinaCLIP
+from jclip_jax.training import optim
 
 
 def cosine_with_warmup(step, peak, warmup, total):
@@ -95,4 +95,4 @@ def test_clipping_bounds_the_global_norm():
                                          ("weight_decay", -1.0), ("grad_clip_norm", 0.0)])
 def test_bad_optimizer_config_fails_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"optim.{field}"):
-        optim.make_optimizer(optim.default_config(1, **{field: value}))
+        optim.check_config(optim.default_config(1, **{field: value}))

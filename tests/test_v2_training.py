@@ -11,11 +11,15 @@ from flax import nnx
 from helpers import load_config, write_xlmr_style_tokenizer
 from PIL import Image
 
-from jclip_jax import JinaCLIP, optim, sharding, train, train_config, train_step
+from jclip_jax import JinaCLIP, sharding
 from jclip_jax.convert import cli
 from jclip_jax.data import synthetic
 from jclip_jax.models import configs, lora
 from jclip_jax.tokenizer import TextTokenizer
+from jclip_jax.training import config as train_config
+from jclip_jax.training import initial_weights, optim
+from jclip_jax.training import loop as train
+from jclip_jax.training import step as train_step
 
 
 def loss_config(**overrides):
@@ -118,12 +122,12 @@ def test_tiny_v2_trains_with_matryoshka_and_a_truncated_embedding_retrieves(synt
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_v2_stage_configs_validate(stage):
-    config = load_config(f"jina_clip_v2/stage{stage}")
+    config = load_config("jina_clip_v2", f"stage={stage}")
     train_config.validate(config)
     assert config.model.vision.image_size == {1: 224, 2: 384, 3: 512}[stage]  # the paper's per-stage resolution
     assert config.data.text_max_length == {1: 77, 2: 512, 3: 512}[stage]
     assert tuple(config.loss.matryoshka_dims) == (32, 64, 128, 256, 512, 768, 1024)
-    local = load_config(f"jina_clip_v2/stage{stage}", "runlocal")
+    local = load_config("jina_clip_v2", f"stage={stage},runlocal")
     train_config.validate(local)
     assert local.model.text.hidden_size == 64 and tuple(local.loss.matryoshka_dims) == (16, 32, 64)
 
@@ -136,7 +140,7 @@ def test_merged_mode_folds_the_lora_and_keeps_the_forward():
     params = jax.tree.map(lambda x: jax.numpy.asarray(rng.normal(size=x.shape).astype(np.float32) * 0.1), params)
     ids = tiny_v2_batch(np.random.default_rng(1), 4)["text_query"]
     before = np.asarray(nnx.merge(graphdef, params).text_features(ids))
-    merged = train.merged_text_lora(graphdef, params)
+    merged = initial_weights.merged_text_lora(graphdef, params)
     assert not np.asarray(merged["text_model"]["layers"]["wqkv"]["lora_b"][...]).any()
     np.testing.assert_allclose(np.asarray(nnx.merge(graphdef, merged).text_features(ids)), before, atol=1e-5)
     config = train_config.base_config(cfg, stage=1)

@@ -1,8 +1,11 @@
 """jclip-compile: compile the training step of a config for a named TPU topology, on this host, and report.
 
-    jclip-compile --config configs/jina_clip_v1/stage1.py --topology v5p:4x4x4
+    jclip-compile --config configs/jina_clip_v1.py:stage=1 --topology v5p:4x4x4
     jclip-compile --config configs/demo.py --topology v5e:2x2 --config.micro_batches=2 --json report.json
     jclip-compile ... --topology v5e:16x16 --num_slices 2        # two slices over the data-centre network
+    jclip-compile ... --config.activation_constraints=False      # the towers' activations left to GSPMD
+
+The step comes from training/setup.setup, as jclip-train's does: the compiled program is the trained one.
 
 Needs libtpu (`pip install -e '.[tpu]'`); no TPU, network or metadata server is touched. Exit status:
 0 fits, 1 does not fit (the largest buffers and the knobs to try are printed), 2 bad config or topology.
@@ -16,14 +19,12 @@ import sys
 
 from absl import app, flags, logging
 
-from jclip_jax import train  # noqa: F401  (defines --config, the same config-file flag as jclip-train)
+from jclip_jax.training import cli as train_cli  # --config: jclip-train's own flag and its one-line errors
 
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology <chip>:<grid>, e.g. v5e:2x2, v5p:4x4x4, v6e:8x8.")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of that topology (multi-slice over DCN).")
 _JSON = flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
 _HLO = flags.DEFINE_string("hlo", None, "Also write the compiled HLO text to this file (hlo.analyze reads it).")
-_CONSTRAINTS = flags.DEFINE_bool("activation_constraints", True,
-                                 "Pin the towers' activations to the batch axes (off: what GSPMD picks alone).")
 
 
 def compile_and_report(config, topology_name: str, num_slices: int = 1, hlo_path: str | None = None) -> dict:
@@ -46,9 +47,7 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     from jclip_jax.compile import report
-    from jclip_jax.models import layers
 
-    layers.ACTIVATION_CONSTRAINTS = _CONSTRAINTS.value
     try:
         result = compile_and_report(flags.FLAGS.config, _TOPOLOGY.value, _NUM_SLICES.value, _HLO.value)
     except (ValueError, FileNotFoundError) as e:
@@ -66,7 +65,7 @@ def main(argv):
 def run():
     """Console-script entry point."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs nothing; TPU devices are compile-only
-    app.run(main)
+    app.run(main, flags_parser=lambda argv: train_cli.parse_flags(argv, prog="jclip-compile"))
 
 
 if __name__ == "__main__":

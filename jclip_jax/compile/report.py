@@ -18,7 +18,7 @@ import re
 import jax
 import numpy as np
 
-from jclip_jax import flops, sharding
+from jclip_jax import sharding
 from jclip_jax.compile import hlo, topology
 
 GIB = 1024**3
@@ -47,7 +47,7 @@ def replicated_params(abstract_params, mesh, rules=sharding.DEFAULT_RULES) -> li
     for (path, spec), x in zip(jax.tree_util.tree_leaves_with_path(specs), jax.tree.leaves(abstract_params),
                                strict=True):
         names = tuple(spec) if spec is not None else ()
-        wanted = {a for n in names for a in sharding._mesh_axes_of(n, rules, mesh) if mesh.shape[a] > 1}
+        wanted = {a for n in names for a in sharding.mesh_axes_of(n, rules, mesh) if mesh.shape[a] > 1}
         if wanted and x.sharding.is_fully_replicated:
             out.append((jax.tree_util.keystr(path), x.size))
     return sorted(out, key=lambda t: -t[1])
@@ -66,27 +66,24 @@ def _largest_allocations(error: str, limit: int = 8) -> list[str]:
 
 def build_report(step, topology_name: str, num_slices: int = 1) -> dict:
     """The report of a program.CompiledStep as a JSON-able dict (per-chip figures)."""
-    config, mesh = step.config, step.mesh
+    run = step.run
+    config, mesh = run.config, run.mesh
     chip = topology.chip_of(topology_name)
     chips = mesh.devices.size
-    d = config.data
-    text_batch = d.text_batch_size if d.text_dir else 0
-    negatives = 7 if "text_triplet" in step.tasks else 0
-    model_flops = flops.train_step_flops(config.model, d.image_batch_size, text_batch, d.text_max_length,
-                                         negatives_per_query=negatives) / chips
-    state = state_bytes_per_chip(step.abstract_state)
-    params = step.abstract_state["params"]
+    model_flops = run.model_flops() / chips
+    state = state_bytes_per_chip(run.abstract_state)
+    params = run.abstract_state["params"]
     param_bytes = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
     report = {
         "topology": topology_name, "num_slices": num_slices, "chips": chips, "chip": chip.name,
         "mesh": dict(mesh.shape), "micro_batches": config.micro_batches,
-        "batch": {k: list(v.shape) for k, v in step.batch.items()},
+        "batch": {k: list(v.shape) for k, v in run.batch_spec.items()},
         "remat": bool(config.model.remat), "dtype": config.model.dtype,
         "loss_implementation": config.loss.get("implementation", "plain"),
         "hbm_capacity_bytes": chip.hbm_bytes,
-        "state_bytes": state, "batch_bytes": sum(_shard_bytes(x) for x in step.batch.values()),
+        "state_bytes": state, "batch_bytes": sum(_shard_bytes(x) for x in run.batch_spec.values()),
         "param_bytes_total": param_bytes,
-        "replicated_fraction": sharding.replicated_fraction(step.state_shardings["params"], params),
+        "replicated_fraction": sharding.replicated_fraction(run.shardings["params"], params),
         "replicated_params": replicated_params(params, mesh)[:10],
         "model_flops": model_flops,
         "lower_seconds": step.lower_seconds, "compile_seconds": step.compile_seconds,
@@ -115,7 +112,7 @@ def build_report(step, topology_name: str, num_slices: int = 1) -> dict:
     cost = cost[0] if isinstance(cost, list) else cost
     report.update({"fits": total <= chip.hbm_bytes, "memory": memory, "hbm_bytes": total,
                    "cost_analysis_flops": float(cost.get("flops", 0.0)),
-                   "pairs_per_step": d.image_batch_size + text_batch})
+                   "pairs_per_step": run.pairs_per_step})
     report.update(hlo_fields(hlo.analyze(step.compiled.as_text()), report))
     if not report["fits"]:
         report["knobs"] = list(KNOBS)

@@ -1,4 +1,4 @@
-"""Named Cloud TPU topologies as abstract (compile-only) devices, the chips' figures, and the config's mesh.
+"""Named Cloud TPU topologies as abstract (compile-only) devices, and the chips' figures.
 
 `libtpu` (the `tpu` extra) compiles for a topology without a TPU: `jax.experimental.topologies` builds
 devices that can be compiled for but not run on. Topology names are `<chip>:<grid>`, e.g. `v5e:2x2`,
@@ -9,10 +9,7 @@ slices talk over the data-centre network (the mesh's first axis spans the slices
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-
-import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,34 +64,3 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
         if "not installed" in str(e):
             raise ValueError("compiling for a TPU topology needs libtpu: pip install -e '.[tpu]'") from e
         raise ValueError(f"--topology={name!r} (num_slices={num_slices}): {str(e).splitlines()[0]}") from e
-
-
-def resolve_mesh_shape(axes, num_devices: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    """config.mesh (name, size) pairs with at most one -1 -> (names, sizes) for `num_devices` devices."""
-    from jclip_jax import sharding
-
-    mesh = sharding.make_mesh(axes, devices=list(range(num_devices)))  # checks and fills in the -1
-    return tuple(mesh.axis_names), tuple(mesh.devices.shape)
-
-
-def make_mesh(axes, devices, num_slices: int = 1):
-    """config.mesh on abstract devices, laid out along the physical torus (jax's mesh_utils).
-
-    Axis sizes need not match the physical axes (they may be split). With several slices the first mesh
-    axis (normally 'data') is the one that spans them; its size must be a multiple of num_slices.
-    """
-    import jax
-    from jax.experimental import mesh_utils
-
-    names, sizes = resolve_mesh_shape(axes, len(devices))
-    if num_slices > 1:
-        if sizes[0] % num_slices:
-            raise ValueError(f"config.mesh={list(axes)}: the first axis {names[0]}={sizes[0]} must be a "
-                             f"multiple of num_slices={num_slices}")
-        ici = (sizes[0] // num_slices, *sizes[1:])
-        dcn = (num_slices,) + (1,) * (len(sizes) - 1)
-        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
-    else:
-        grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
-    assert math.prod(grid.shape) == len(devices)
-    return jax.sharding.Mesh(np.asarray(grid), names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))

@@ -27,33 +27,12 @@ import sys
 import numpy as np
 
 
-def read_weights(path: str) -> dict[str, np.ndarray]:
-    """A state dict from .safetensors (no torch needed) or a torch pickle (.bin/.pt/.pth)."""
-    if not os.path.exists(path):
-        raise SystemExit(f"jclip-convert: file not found: {path}")
-    if path.endswith(".safetensors"):
-        from jclip_jax.convert.hf_layout import read_state_dict
-
-        return read_state_dict(path)
-    if path.endswith((".bin", ".pt", ".pth")):
-        try:
-            import torch
-        except ImportError as e:
-            raise SystemExit(f"jclip-convert: reading {path} needs torch (pip install torch==2.13.0), "
-                             "or convert it to .safetensors first") from e
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model", "module"):  # common wrappers of training checkpoints
-            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-                sd = sd[key]
-        return {k: v.float().numpy() for k, v in sd.items() if hasattr(v, "numpy")}
-    raise SystemExit(f"jclip-convert: unknown weights format {path!r} (.safetensors, .bin, .pt, .pth)")
-
-
 def from_towers(args) -> dict:
     from flax import nnx
 
     from jclip_jax import JinaCLIP
     from jclip_jax.convert.towers import import_jina_bert_v2, import_jina_embeddings_v3, import_timm_eva02
+    from jclip_jax.loading import read_weights
     from jclip_jax.models import configs
     from jclip_jax.tokenizer import TextTokenizer
 
@@ -79,26 +58,16 @@ def from_towers(args) -> dict:
 
 
 def to_torch(args) -> dict:
-    import ml_collections
+    from jclip_jax import loading
+    from jclip_jax.training import checkpoints
 
-    from jclip_jax import JinaCLIP, checkpoints
-    from jclip_jax.convert import hf_layout
-    from jclip_jax.tokenizer import TextTokenizer
-
-    config = checkpoints.restore_config(args.checkpoint)
-    model_cfg = ml_collections.ConfigDict(config.model.to_dict())
-    model_cfg.matryoshka_dimensions = tuple(model_cfg.matryoshka_dimensions)
-    tok_path = config.data.get("tokenizer_path")
-    tokenizer = TextTokenizer(tok_path) if tok_path and os.path.exists(tok_path) else None
-    abstract = hf_layout.abstract_model(JinaCLIP, model_cfg, tokenizer=tokenizer)
-    from flax import nnx
-
-    params, step = checkpoints.restore_params(args.checkpoint, nnx.state(abstract, nnx.Param), step=args.step)
-    graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
-    model = nnx.merge(graphdef, params, rest)
+    step = checkpoints.latest_step(args.checkpoint) if args.step is None else args.step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {os.path.join(args.checkpoint, 'checkpoints')!r}")
+    model = loading.load_model(args.checkpoint, step=step, require_tokenizer=False)
     model.save_pretrained(args.output)
     return {"output": args.output, "checkpoint": args.checkpoint, "step": int(step),
-            "tokenizer": tok_path if tokenizer else None}
+            "tokenizer": model.tokenizer.path if model.tokenizer else None}
 
 
 def check(args) -> dict:

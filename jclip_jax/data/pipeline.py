@@ -7,7 +7,8 @@ exactly the batches an uninterrupted one would. Every process reads its rows of 
 decode: a process fills a dropped record's place from its own next rows).
 
     it = train_iterator(config)                  # grain DatasetIterator, one per process
-    batch = next(it)                             # {"image_text": {...}, "text": {...}}, local numpy
+    batch = next(it)                             # the step's keys (data/batch.py) + "stats", local numpy
+    stats = batch.pop("stats")                   # decode_failures (, source_counts): this process's counts
     batch = make_global_batch(batch, mesh)       # jax.Arrays sharded over the mesh's data axes
     # checkpoint: ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it)) / CheckpointRestore(it)
 
@@ -18,7 +19,7 @@ Local batch contents (B_img, B_txt = global batch sizes / process count; L = max
                 source_counts int32 (n,) examples from each source of a mixture (image_text_mixture only)
     text (pairs):    query int32 (B_txt, L_txt), positive int32 (B_txt, L_txt), dataset int32 ()
     text (triplets): as pairs + negatives int32 (B_txt, 7, L_txt)
-`dataset` indexes `text_dataset_names(config)`; all processes draw the same dataset at a given step.
+`dataset` indexes the text directory's datasets (sorted by name); all processes draw the same one at a step.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from jclip_jax import preprocess
+from jclip_jax.data import batch as batch_schema
 from jclip_jax.data import records
 from jclip_jax.tokenizer import TextTokenizer
 
@@ -423,11 +425,6 @@ class TokenizeTextBatch(grain.transforms.Map):
         return out
 
 
-def text_dataset_names(config: DataConfig) -> list[str]:
-    """Names of the text datasets, in the order of the batches' `dataset` index."""
-    return sorted(records.read_manifest(config.text_dir)["datasets"])
-
-
 def text_dataset(config: DataConfig, share: tuple[int, int] | None = None) -> grain.IterDataset:
     """This process's text-pair or triplet batches: each batch from one dataset, drawn per step."""
     share = share or process_share()
@@ -482,26 +479,34 @@ def with_workers(ds: grain.IterDataset, worker_count: int, buffer_size: int = 2)
 
 
 def train_dataset(config: DataConfig, share: tuple[int, int] | None = None) -> grain.IterDataset:
-    """{"image_text": batch, "text": batch} per step (text only when config.text_dir is set)."""
+    """This process's training batches, with the step's keys (data/batch.py) and their STATS_KEY counters:
+    image-text keys, and a text task's keys when config.text_dir is set (its record kind says which task)."""
     share = share or process_share()
-    parts = {"image_text": with_workers(image_text_dataset(config, share), config.worker_count,
-                                        config.worker_buffer_size)}
+    parts = [with_workers(image_text_dataset(config, share), config.worker_count, config.worker_buffer_size)]
+    text_task = None
     if config.text_dir:
-        parts["text"] = with_workers(text_dataset(config, share), config.text_worker_count,
-                                     config.worker_buffer_size)
-    names = list(parts)
-    zipped = grain.experimental.ZipIterDataset(list(parts.values()))
-    return zipped.map(_Named(names))
+        text_task = batch_schema.text_task_of_kind(records.read_manifest(config.text_dir)["kind"])
+        parts.append(with_workers(text_dataset(config, share), config.text_worker_count,
+                                  config.worker_buffer_size))
+    return grain.experimental.ZipIterDataset(parts).map(StepBatch(text_task))
 
 
-class _Named(grain.transforms.Map):
-    """tuple from ZipIterDataset -> dict by name (top-level class: picklable)."""
+class StepBatch(grain.transforms.Map):
+    """(image-text batch[, text batch]) from ZipIterDataset -> the step's keys plus STATS_KEY counters."""
 
-    def __init__(self, names: Sequence[str]):
-        self.names = list(names)
+    def __init__(self, text_task: str | None):
+        self.text_task = text_task
 
     def map(self, parts: tuple) -> dict:
-        return dict(zip(self.names, parts, strict=True))
+        image_text = parts[0]
+        out = {key: image_text[field] for key, field in batch_schema.IMAGE_TEXT_FIELDS.items()}
+        out[batch_schema.STATS_KEY] = {k: image_text[k] for k in ("decode_failures", "source_counts")
+                                       if k in image_text}
+        if self.text_task:
+            _, fields = batch_schema.TEXT_TASK_RECORDS[self.text_task]
+            out.update({key: parts[1][field] for key, field in fields.items()})
+            out[batch_schema.STATS_KEY]["text_dataset"] = parts[1]["dataset"]
+        return out
 
 
 def train_iterator(config: DataConfig, share: tuple[int, int] | None = None) -> grain.DatasetIterator:
@@ -512,7 +517,7 @@ def train_iterator(config: DataConfig, share: tuple[int, int] | None = None) -> 
 
 def make_global_batch(batch, mesh: jax.sharding.Mesh, batch_axes: str | Sequence[str] = "data"):
     """Local numpy batch (nested dict) -> global jax.Arrays, the leading axis sharded over `batch_axes`.
-    Scalars (decode_failures, dataset) stay per-process numpy values."""
+    Scalars (the STATS_KEY counters) stay per-process numpy values."""
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axes))
 
     def to_global(x):
@@ -521,37 +526,3 @@ def make_global_batch(batch, mesh: jax.sharding.Mesh, batch_axes: str | Sequence
         return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
     return jax.tree.map(to_global, batch)
-
-
-# ------------------------------------------------------------------------------------------- evaluation
-
-
-def retrieval_eval_set(directory: str, tokenizer_path: str, image_size: int = 224, max_length: int = 77,
-                       read_threads: int = 4) -> dict:
-    """A prepared image_text directory as arrays for retrieval evaluation (all of it, in file order).
-
-    Returns images float32 (N, S, S, 3) (eval crop), text int32 (M, L) for every caption,
-    text_image int32 (M,) the image index of each caption, decode_failures int (images dropped).
-    """
-    ds = grain.MapDataset.source(_image_text_source(directory, None))
-    transform = ImageTextTransform(tokenizer_path, max_length, image_size, random_crop=False)
-    tokenizer = TextTokenizer(tokenizer_path)
-
-    def load(data: bytes):
-        record = records.decode(data)
-        try:
-            return transform.image(record["image"], None), record["captions"]
-        except Exception as e:
-            return DecodeFailure(f"{record.get('key')}: {type(e).__name__}: {e}")
-
-    items = list(ds.map(load).to_iter_dataset(grain.ReadOptions(num_threads=read_threads)))
-    good = [item for item in items if not isinstance(item, DecodeFailure)]
-    if not good:
-        raise ValueError(f"{directory!r}: no decodable images")
-    captions = [(i, c) for i, (_, caps) in enumerate(good) for c in caps]
-    return {
-        "images": preprocess.normalize(np.stack([img for img, _ in good])),
-        "text": tokenizer([c for _, c in captions], max_length, buckets=None),
-        "text_image": np.asarray([i for i, _ in captions], np.int32),
-        "decode_failures": len(items) - len(good),
-    }

@@ -29,10 +29,11 @@ from collections.abc import Mapping
 import msgpack
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
+from jclip_jax.data.batch import NEGATIVES_PER_QUERY
+
 FORMAT_NAME = "jclip-records"
 VERSION = 1
 KINDS = ("image_text", "text_pair", "triplet")
-NUM_NEGATIVES = 7  # paper §4.1: one positive and seven negatives per triplet
 MANIFEST = "manifest.json"
 # group_size:1 makes every record its own chunk, so random access (grain shuffles globally) reads one
 # record instead of decompressing a group of 65536.
@@ -74,9 +75,9 @@ def validate(record: Mapping) -> dict:
         }
         if kind == "triplet":
             negatives = record.get("negatives")
-            if (not isinstance(negatives, list | tuple) or len(negatives) != NUM_NEGATIVES
+            if (not isinstance(negatives, list | tuple) or len(negatives) != NEGATIVES_PER_QUERY
                     or not all(isinstance(n, str) and n.strip() for n in negatives)):
-                raise RecordError(f"triplet record: 'negatives' must be a list of {NUM_NEGATIVES} "
+                raise RecordError(f"triplet record: 'negatives' must be a list of {NEGATIVES_PER_QUERY} "
                                   f"non-empty strings, got {negatives!r:.120}")
             out["negatives"] = list(negatives)
     return {"v": VERSION, "kind": kind, **out}

@@ -244,7 +244,7 @@ def _folder_items(path: str, spec: SourceSpec) -> Iterator[tuple[str, list[str]]
             yield file, [caption]
 
 
-def _coco_items(path: str, spec: SourceSpec) -> Iterator[tuple[str, list[str]] | Skip]:
+def coco_items(path: str, spec: SourceSpec) -> Iterator[tuple[str, list[str]] | Skip]:
     """(image file, captions) from COCO captions JSON or a Karpathy split file (dataset_coco.json,
     dataset_flickr30k.json)."""
     try:
@@ -295,7 +295,7 @@ def _text_items(path: str, spec: SourceSpec) -> Iterator[dict | Skip]:
             yield Skip("bad_negatives" if "negatives" in str(e) else "malformed_record", f"{path}: {e}")
 
 
-_ITEMS = {"folder": _folder_items, "coco": _coco_items, "text_pair": _text_items, "triplet": _text_items}
+_ITEMS = {"folder": _folder_items, "coco": coco_items, "text_pair": _text_items, "triplet": _text_items}
 
 
 def _record_from_item(item, path: str, spec: SourceSpec) -> dict | Skip:

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from jclip_jax.data import records
+from jclip_jax.data.batch import NEGATIVES_PER_QUERY
 
 COLOURS = {  # name -> RGB; saturated and far apart so they survive JPEG, resizing and jitter
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (235, 220, 50),
@@ -144,7 +145,7 @@ def triplets(num: int, seed: int) -> Iterator[dict]:
     for _ in range(num):
         obj = OBJECTS[rng.integers(len(OBJECTS))]
         neighbours = [o for o in OBJECTS if sum(a != b for a, b in zip(o, obj, strict=True)) == 1]
-        picked = rng.choice(len(neighbours), records.NUM_NEGATIVES, replace=False)
+        picked = rng.choice(len(neighbours), NEGATIVES_PER_QUERY, replace=False)
         yield {"query": caption([obj]), "positive": paraphrase(obj, rng),
                "negatives": [paraphrase(neighbours[k], rng) for k in picked], "dataset": "synthetic"}
 

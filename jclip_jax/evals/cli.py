@@ -127,8 +127,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
     from flax import nnx
 
-    from jclip_jax.evals.embed import Embedder
-    from jclip_jax.evals.model import load_model
+    from jclip_jax.evals.embedder import Embedder
+    from jclip_jax.loading import load_model
 
     model = load_model(args.checkpoint, step=args.step, tokenizer=args.tokenizer)
     too_big = [d for d in dims if d > model.embed_dim]

@@ -28,7 +28,7 @@ except ImportError as e:  # torch comes with the eval extra (clip_benchmark's de
     raise ImportError(f"jclip_jax.evals.clip_benchmark_adapter needs clip-benchmark and torch: "
                       f"pip install -e '.[eval]' ({e})") from e
 
-from jclip_jax.evals.encoder import CheckpointEncoder
+from jclip_jax.evals.checkpoint_encoder import CheckpointEncoder
 from jclip_jax.preprocess import eval_transform
 
 MODEL_TYPE = "jclip_jax"

@@ -27,7 +27,7 @@ try:
 except ImportError as e:  # mteb (and torch) come with the eval extra only
     raise ImportError(f"jclip_jax.evals.mteb_adapter needs mteb: pip install -e '.[eval]' ({e})") from e
 
-from jclip_jax.evals.encoder import CheckpointEncoder
+from jclip_jax.evals.checkpoint_encoder import CheckpointEncoder
 
 
 class MtebEncoder(AbsEncoder):

@@ -24,8 +24,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from jclip_jax.data import records, sources
-from jclip_jax.encode import normalize_rows
 from jclip_jax.evals import metrics
+from jclip_jax.inference import normalize_rows
 
 TASK_TYPES = ("image_text", "zeroshot", "beir", "sts")
 SPEC_KEYS = {
@@ -103,7 +103,7 @@ def _load_image_text(spec: dict) -> dict:
         # the reader jclip-prepare --format coco uses: (image file, captions) or Skip
         coco = sources.SourceSpec(format="coco", split=spec.get("split", "test"))
         items = [item if isinstance(item, sources.Skip) else (os.path.join(spec["images"], item[0]), item[1])
-                 for item in sources._coco_items(spec["data"], coco)]
+                 for item in sources.coco_items(spec["data"], coco)]
     for item in items:
         if isinstance(item, sources.Skip):
             skipped += 1

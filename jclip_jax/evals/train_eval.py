@@ -14,9 +14,9 @@ the training mesh.
 from __future__ import annotations
 
 from jclip_jax.data import records
-from jclip_jax.encode import normalize_rows
 from jclip_jax.evals import metrics, tasks
-from jclip_jax.evals.embed import Embedder
+from jclip_jax.evals.embedder import Embedder
+from jclip_jax.inference import normalize_rows
 from jclip_jax.tokenizer import TextTokenizer
 
 
@@ -39,7 +39,8 @@ def task_specs(config) -> dict[str, dict]:
 class Evaluator:
     """Loads the held-out sets once; `evaluator(params)` -> {metric: value} (empty without eval sets)."""
 
-    def __init__(self, config, graphdef, mesh=None, batch_axes=None):
+    def __init__(self, config, graphdef, mesh=None, batch_axes=None, eval_tasks: dict | None = None):
+        """eval_tasks: config.evals.tasks as the config's validation checked them (None: checked here)."""
         self.embedder = Embedder(graphdef, mesh, config.evals.batch_size, batch_axes=batch_axes)
         tokenizer = TextTokenizer(config.data.tokenizer_path)
         size = config.model.vision.image_size
@@ -50,7 +51,8 @@ class Evaluator:
         if config.evals.image_text_dir:
             self.sets[""] = tasks.load({"type": "image_text", "data": config.evals.image_text_dir},
                                        where="config.evals.image_text_dir")
-        for name, spec in task_specs(config).items():
+        specs = task_specs(config) if eval_tasks is None else eval_tasks
+        for name, spec in specs.items():
             self.sets[name] = tasks.load(spec, where=f"config.evals.tasks.{name}")
         self.text_pairs = _read_text_pairs(config.evals.text_pairs_dir) if config.evals.text_pairs_dir else None
 

@@ -16,7 +16,7 @@ from flax import nnx
 
 from jclip_jax.models.eva02 import EvaVisionTower
 from jclip_jax.models.jina_bert import JinaBertTextTower
-from jclip_jax.models.layers import dtype_of, logical, trunc_normal
+from jclip_jax.models.layers import dtype_of, l2_normalize, logical, trunc_normal
 from jclip_jax.models.xlm_roberta import XLMRobertaTextTower
 
 TEXT_TOWERS = {"jina_bert": JinaBertTextTower, "xlm_roberta": XLMRobertaTextTower}
@@ -28,11 +28,6 @@ def text_tower_type(text_cfg) -> str:
     if kind not in TEXT_TOWERS:
         raise ValueError(f"text.model_type={kind!r}; known: {sorted(TEXT_TOWERS)}")
     return kind
-
-
-def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-    """x / ||x||_2 along `axis` (F.normalize semantics: the norm is clamped at 1e-12)."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
 
 
 class JinaCLIP(nnx.Module):
@@ -100,12 +95,12 @@ class JinaCLIP(nnx.Module):
     def encode_text(self, texts, batch_size: int = 32, truncate_dim: int | None = None, max_length=None,
                     task: str | None = None):
         """task (v2): prepend that task's instruction from the config, e.g. task="retrieval.query"."""
-        from jclip_jax import encode
+        from jclip_jax import inference
 
-        return encode.encode_text(self, texts, batch_size=batch_size, truncate_dim=truncate_dim,
+        return inference.encode_text(self, texts, batch_size=batch_size, truncate_dim=truncate_dim,
                                   max_length=max_length, task=task)
 
     def encode_image(self, images, batch_size: int = 32, truncate_dim: int | None = None):
-        from jclip_jax import encode
+        from jclip_jax import inference
 
-        return encode.encode_image(self, images, batch_size=batch_size, truncate_dim=truncate_dim)
+        return inference.encode_image(self, images, batch_size=batch_size, truncate_dim=truncate_dim)

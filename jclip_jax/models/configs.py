@@ -87,7 +87,7 @@ def clip_config(text=None, vision=None, **overrides) -> ml_collections.ConfigDic
     # recompute attention and elementwise ops: more memory, less recompute); see layers.REMAT_POLICIES.
     c.remat_policy = "nothing"
     # 'xla' (jax.nn.dot_product_attention; the logits go through HBM) or 'flash' (a fused kernel on TPU or
-    # GPU; jina-clip-v1's ALiBi text tower keeps 'xla'); see models/attention.py.
+    # GPU; jina-clip-v1's ALiBi text tower keeps 'xla'); see models/layers.py.
     c.attention = "xla"
     c.scan_layers = True
     c.update(overrides)

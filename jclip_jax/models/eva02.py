@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jclip_jax.models.attention import dot_product_attention
 from jclip_jax.models.layers import (
     ZEROS,
     constrain_activation,
+    dot_product_attention,
     dtype_of,
     layer_norm,
     logical,
@@ -103,7 +103,7 @@ class EvaBlock(nnx.Module):
 
     def attention(self, x, cos, sin):
         """x: (B, 1+T, W); cos/sin: (B or 1, T, head_dim) for the T patch tokens."""
-        heads = lambda a: constrain_activation(a, "batch", None, "heads", None)  # noqa: E731
+        heads = lambda a: constrain_activation(a, "batch", None, "heads", None)
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))  # (B, 1+T, heads, hd)
         q = jnp.concatenate([q[:, :1], apply_rope(q[:, 1:], cos, sin)], axis=1)
         k = jnp.concatenate([k[:, :1], apply_rope(k[:, 1:], cos, sin)], axis=1)
@@ -114,7 +114,7 @@ class EvaBlock(nnx.Module):
     def __call__(self, x, cos, sin):
         x = x + self.attention(self.norm1(x), cos, sin)
         y = self.norm2(x)
-        mlp = lambda a: constrain_activation(a, "batch", None, "mlp")  # noqa: E731
+        mlp = lambda a: constrain_activation(a, "batch", None, "mlp")
         return x + self.w3(self.ffn_ln(jax.nn.silu(mlp(self.w1(y))) * mlp(self.w2(y))))
 
 

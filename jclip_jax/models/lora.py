@@ -28,7 +28,6 @@ from flax import nnx
 
 from jclip_jax.models.layers import ZEROS, embedding_lookup, logical, trunc_normal
 
-LORA_PARAM_NAMES = ("lora_a", "lora_b")
 TEXT_LORA_MODES = ("all", "lora_only", "base_only", "merged")
 
 

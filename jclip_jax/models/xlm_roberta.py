@@ -18,8 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jclip_jax.models.attention import dot_product_attention
-from jclip_jax.models.layers import constrain_activation, dropout, dtype_of, layer_norm, make_stacked, run_stacked
+from jclip_jax.models.layers import (
+    constrain_activation,
+    dot_product_attention,
+    dropout,
+    dtype_of,
+    layer_norm,
+    make_stacked,
+    run_stacked,
+)
 from jclip_jax.models.lora import LoRAEmbed, LoRALinear
 
 

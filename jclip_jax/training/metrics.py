@@ -1,7 +1,7 @@
 """Training metrics: a tqdm progress line and TensorBoard event files (tensorboardX, no TensorFlow).
 
 Every `log_every` steps: per-task losses, temperature (tau = 1 / exp(logit_scale)), learning rate, grad
-norm, pairs/s, model FLOP/s and MFU (analytic FLOPs, jclip_jax/flops.py), the records skipped so far, and
+norm, pairs/s, model FLOP/s and MFU (analytic FLOPs, jclip_jax/training/flops.py), the records skipped so far, and
 for an image-text mixture the realised share of each source so far (`mixture/<name>`, this process's).
 """
 

@@ -1,7 +1,7 @@
 """The multi-task contrastive training step: sharded init, GradCache, the jitted update.
 
-    mesh = sharding.make_mesh(config.mesh)
-    tx = optim.make_optimizer(config.optim)
+training/setup.py builds it for a config (jclip-train, jclip-compile and bench/ all go through there):
+
     graphdef, state, shardings = create_train_state(lambda: JinaCLIP(model_cfg, rngs=nnx.Rngs(0)), tx, mesh)
     step = make_train_step(graphdef, tx, config.loss, mesh, shardings, micro_batches=4)
     state, metrics = step(state, batch, rng)   # state is donated
@@ -9,11 +9,8 @@
 Train state (a dict, checkpointable as is): {'params': nnx.State of the model's nnx.Param variables
 (float32 master weights), 'opt_state': optax state, 'step': int32 ()}.
 
-Batch (a dict of global arrays, leading axis = the task's batch; only the keys of config.loss's tasks):
-  text_pair:    'text_query' int32 (B, L), 'text_passage' int32 (B, L)
-  image_text:   'image_caption' int32 (B, L), 'image' float32 (B, H, W, 3) (NHWC, CLIP-normalised)
-  text_triplet: 'triplet_query' int32 (B, L), 'triplet_positive' int32 (B, L),
-                'triplet_negatives' int32 (B, K, L)
+Batch: a dict of global arrays with the keys of config.loss's tasks, as data/batch.py defines them
+(image, image_caption; text_query, text_passage; triplet_query, triplet_positive, triplet_negatives).
 Text keys of equal shape go through the text tower as one batch (see `features`); the features dict has
 the same keys as the batch (see losses.joint_loss).
 
@@ -36,18 +33,11 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jclip_jax import losses, sharding
+from jclip_jax import sharding
+from jclip_jax.data import batch as batch_schema
+from jclip_jax.data.batch import IMAGE_KEYS, TEXT_KEYS
 from jclip_jax.models.layers import activation_sharding
-
-TEXT_KEYS = ("text_query", "text_passage", "image_caption", "triplet_query", "triplet_positive",
-             "triplet_negatives")
-IMAGE_KEYS = ("image",)
-TASK_KEYS = {
-    "text_pair": ("text_query", "text_passage"),
-    "image_text": ("image_caption", "image"),
-    "text_triplet": ("triplet_query", "triplet_positive", "triplet_negatives"),
-}
-
+from jclip_jax.training import losses
 
 # ----------------------------------------------------------------------------------------- state
 
@@ -128,7 +118,7 @@ def _key_index(key: str) -> int:
 
 def check_batch(batch: dict, tasks, micro_batches: int, batch_devices: int) -> None:
     """Fail early, naming the key, on missing keys or batch sizes the step cannot split."""
-    wanted = {k for t in tasks for k in TASK_KEYS[t]}
+    wanted = set(batch_schema.keys(tasks))
     if set(batch) != wanted:
         raise ValueError(f"batch keys {sorted(batch)} do not match the tasks {tasks}: "
                          f"expected {sorted(wanted)}")
@@ -202,22 +192,25 @@ def skip_if_nonfinite(loss, grad_norm, params, opt_state, state):
     every checkpoint's) and does not see a NaN loss with finite gradients; hence this select.
     """
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
-    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    keep = lambda new, old: jnp.where(finite, new, old)
     return (jax.tree.map(keep, params, state["params"]), jax.tree.map(keep, opt_state, state["opt_state"]),
             (~finite).astype(jnp.int32))
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_config, mesh, state_shardings, *,
-                    micro_batches: int = 1, dropout: bool = True, schedule: optax.Schedule | None = None,
-                    rules=sharding.DEFAULT_RULES, jit: bool = True):
+                    tasks: tuple[str, ...] | None = None, micro_batches: int = 1, dropout: bool = True,
+                    schedule: optax.Schedule | None = None, rules=sharding.DEFAULT_RULES,
+                    activation_constraints: bool = True, jit: bool = True):
     """The update step `(state, batch, rng) -> (state, metrics)`, jitted with the state donated.
 
     loss_config: losses.joint_loss's config (stage or tasks, implementation, tile_size, text_temperature,
-    matryoshka_*); its batch_axes default to the mesh's batch axes. micro_batches > 1 uses GradCache.
+    matryoshka_*); its batch_axes default to the mesh's batch axes. tasks: config.loss's tasks as the config's
+    validation returned them (None: checked here). micro_batches > 1 uses GradCache. activation_constraints:
+    pin the towers' activations to the batch axes (layers.activation_sharding).
     metrics: 'loss', 'loss/<task>', 'logit_scale' (exp'd), 'grad_norm', 'nonfinite' (1: this update was
     skipped, see skip_if_nonfinite), and 'lr' if a schedule is given.
     """
-    tasks = losses.check_loss_config(loss_config)
+    tasks = tuple(tasks) if tasks is not None else losses.check_loss_config(loss_config)
     if not isinstance(micro_batches, int) or micro_batches < 1:
         raise ValueError(f"micro_batches={micro_batches!r} must be a positive int")
     loss_config = dict(loss_config)  # a private copy: the batch axes default to the mesh's
@@ -248,7 +241,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_config, mes
         check_batch(batch, tasks, micro_batches, batch_devices)
         rng = rng if dropout else None
         params = state["params"]
-        with activation_sharding(mesh, rules):  # the towers' activations: rows over the batch axes
+        with activation_sharding(mesh, rules, activation_constraints):  # activations: rows over the batch axes
             (loss, metrics), grads = gradients(params, batch, rng)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)

@@ -1,33 +1,67 @@
-"""The training config schema (ml_collections), shared by every file under configs/, and its validation.
+"""The training config: its schema and defaults, and all of its validation, run once before any compute.
 
-A config file is `get_config(arg) -> ConfigDict` (big_vision style); it starts from `base_config()` and
-sets what its stage needs. `validate(config)` runs before any compute and names the field at fault.
+A config file under configs/ is `get_config(arg) -> ConfigDict` (big_vision style): it starts from
+`base_config()` and sets what its recipe needs; `parse_arg` reads its argument ("stage=2,runlocal").
 
     config.model        a model config (jclip_jax/models/configs.py), with execution options
     config.init         where the weights come from when the workdir has no checkpoint:
                           checkpoint: a previous stage's workdir (its latest params) or a jina-clip HF dir
-                          eva02 / jina_bert: tower state dicts (stage 1, the paper's initialisation)
+                          eva02 / jina_bert / jina_embeddings_v3: tower state dicts (stage 1)
     config.data         the grain pipeline (jclip_jax/data/pipeline.DataConfig fields)
     config.loss         losses.joint_loss's config (stage 1/2/3 or tasks, implementation, tile_size, ...)
     config.optim        optim.default_config(stage); its total_steps follows config.total_steps
     config.evals        held-out sets: image_text_dir (image<->text), text_pairs_dir (text->text), and
                         tasks: {name: jclip-eval task spec} (jclip_jax/evals/train_eval.py)
+
+Validation, in the order training/setup.py runs it (each raises ValueError or FileNotFoundError in one line
+naming the field and its value; jclip-train and jclip-compile print it and exit 2):
+    validate(config)                 the fields on their own -> Checked (tasks, run optimizer, data config)
+    check_inputs(config, tasks)      jclip-train only: paths exist, tokenizer fits, prepared directories hold
+                                     the record kinds the tasks need
+    check_batch_split(config, mesh)  the batch sizes divide over the mesh's batch axes and micro_batches
+    resume_changes(saved, config)    jclip-train, resuming: what may change since the checkpoint was written
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import os
+
 import ml_collections
 
-from jclip_jax import losses, optim
+from jclip_jax import sharding
+from jclip_jax.data import batch as batch_schema
+from jclip_jax.data import records
 from jclip_jax.data.pipeline import DataConfig
-from jclip_jax.models import attention
-from jclip_jax.models import configs as model_configs
-from jclip_jax.models.layers import REMAT_POLICIES
+from jclip_jax.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+from jclip_jax.training import losses, optim
 
-DATA_FIELDS = tuple(DataConfig.__dataclass_fields__)
+
+def parse_arg(arg: str | None, **defaults):
+    """A config file's argument "stage=2,runlocal" -> ConfigDict(stage=2, runlocal=True), over `defaults`
+    (whose types the values take; a bare name is True). big_vision's bvcc.parse_arg, without lazy sweeps."""
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        name, has_value, value = item.partition("=")
+        if name not in defaults:
+            raise ValueError(f"config argument {item!r}: unknown name {name!r}; known: {sorted(defaults)}")
+        kind = type(defaults[name])
+        if not has_value:
+            out[name] = True
+        elif kind is bool:
+            out[name] = value.lower() in ("1", "true", "yes")
+        else:
+            try:
+                out[name] = kind(value)
+            except ValueError:
+                raise ValueError(f"config argument {item!r}: {value!r} is not a {kind.__name__}") from None
+    return out
 
 
 def base_config(model: ml_collections.ConfigDict, stage: int) -> ml_collections.ConfigDict:
+    """Every field of a training config with its default; a config file sets what its recipe needs."""
     c = ml_collections.ConfigDict()
     c.model = model
     c.seed = 0
@@ -41,6 +75,9 @@ def base_config(model: ml_collections.ConfigDict, stage: int) -> ml_collections.
     c.peak_flops_per_device = None  # None: the device table, or a measured matmul on CPU
     c.max_replicated_fraction = 0.01  # with an fsdp axis > 1: fail above this share of replicated params
     c.nonfinite = "stop"  # a NaN/Inf loss or gradient: "stop" the run (nothing saved) or "skip" the update
+    # Pin the towers' activations to the batch axes (models/layers.activation_sharding); False leaves them
+    # to GSPMD (jclip-compile compares the two).
+    c.activation_constraints = True
 
     c.init = ml_collections.ConfigDict()
     c.init.checkpoint = ml_collections.FieldReference(None, field_type=str)
@@ -89,12 +126,14 @@ def base_config(model: ml_collections.ConfigDict, stage: int) -> ml_collections.
     return c
 
 
-def data_config(config) -> DataConfig:
-    """config.data -> the pipeline's DataConfig (image size and text lengths follow the model/stage)."""
+def data_config(config, tasks) -> DataConfig:
+    """config.data -> the pipeline's DataConfig (image size and text lengths follow the model/stage); the
+    text directory is read only when a task needs it."""
     d = config.data
+    text_dir = d.text_dir if any(t in batch_schema.TEXT_TASK_RECORDS for t in tasks) else None
     return DataConfig(
         image_text_dir=d.image_text_dir, tokenizer_path=d.tokenizer_path, image_batch_size=d.image_batch_size,
-        text_dir=d.text_dir, text_batch_size=d.text_batch_size if d.text_dir else 0,
+        text_dir=text_dir, text_batch_size=d.text_batch_size if text_dir else 0,
         image_size=config.model.vision.image_size, image_max_length=d.image_max_length,
         text_max_length=d.text_max_length, crop_scale=tuple(d.crop_scale), random_crop=d.random_crop,
         text_weights=dict(d.text_weights) if d.text_weights else None, seed=d.seed,
@@ -103,8 +142,38 @@ def data_config(config) -> DataConfig:
         image_text_mixture=tuple((str(dir_), float(w)) for dir_, w in d.get("image_text", ())))
 
 
-def validate(config) -> None:
-    """Fail before any compute, naming the field and its value."""
+def with_synthetic_paths(config):
+    """With config.data.synthetic_dir (the demo): the data and eval paths left unset point at its splits."""
+    if not config.data.get("synthetic_dir"):
+        return config
+    config = config.copy_and_resolve_references()
+    root, d, e = config.data.synthetic_dir, config.data, config.evals
+    d.image_text_dir = d.image_text_dir or os.path.join(root, "train")
+    d.tokenizer_path = d.tokenizer_path or os.path.join(root, "tokenizer.json")
+    text_split = "triplets" if config.loss.stage == 3 else "text_pairs"
+    d.text_dir = d.text_dir or os.path.join(root, text_split)
+    e.image_text_dir = e.image_text_dir or os.path.join(root, "eval")
+    e.text_pairs_dir = e.text_pairs_dir or os.path.join(root, "eval_text_pairs")
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """A validated config and what validation derived from it, passed down rather than recomputed."""
+
+    config: ml_collections.ConfigDict  # synthetic-data paths filled in (with_synthetic_paths)
+    tasks: tuple[str, ...]  # config.loss's tasks (losses.check_loss_config)
+    optim: ml_collections.ConfigDict  # the run's optimizer config (optim_for_run)
+    data: DataConfig  # the pipeline's config (data_config)
+    eval_tasks: dict  # config.evals.tasks, checked (evals/train_eval.task_specs)
+
+
+def validate(config) -> Checked:
+    """Every field on its own, before anything is read or built; names the field and its value."""
+    from jclip_jax.evals.train_eval import task_specs
+
+    config = with_synthetic_paths(config)
+
     def positive(name, value):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"config.{name}={value!r} must be a positive integer")
@@ -120,10 +189,12 @@ def validate(config) -> None:
     policy = config.model.get("remat_policy", "nothing")
     if policy not in REMAT_POLICIES:
         raise ValueError(f"config.model.remat_policy={policy!r}; known: {sorted(REMAT_POLICIES)}")
-    if config.model.get("attention", "xla") not in attention.IMPLEMENTATIONS:
-        raise ValueError(f"config.model.attention={config.model.attention!r}; known: {attention.IMPLEMENTATIONS}")
+    if config.model.get("attention", "xla") not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"config.model.attention={config.model.attention!r}; known: {ATTENTION_IMPLEMENTATIONS}")
     if config.get("nonfinite", "stop") not in ("stop", "skip"):
         raise ValueError(f"config.nonfinite={config.nonfinite!r} must be 'stop' or 'skip'")
+    if not isinstance(config.get("activation_constraints", True), bool):
+        raise ValueError(f"config.activation_constraints={config.activation_constraints!r} must be True or False")
     for name in ("image_max_length", "text_max_length"):
         if not 2 <= config.data[name] <= 8192:
             raise ValueError(f"config.data.{name}={config.data[name]!r} must lie in [2, 8192]")
@@ -137,18 +208,89 @@ def validate(config) -> None:
     if config.loss.matryoshka_dims and len(config.loss.matryoshka_dims) != len(config.loss.matryoshka_weights):
         raise ValueError(f"config.loss.matryoshka_dims {tuple(config.loss.matryoshka_dims)} and "
                          f"matryoshka_weights {tuple(config.loss.matryoshka_weights)} differ in length")
-    optim.check_config(optim_for_run(config))
-    from jclip_jax.evals.train_eval import task_specs
-
-    task_specs(config)  # task types, keys and paths of config.evals.tasks
+    run_optim = optim_for_run(config)
+    optim.check_config(run_optim)
+    eval_tasks = task_specs(config)  # task types, keys and paths of config.evals.tasks
     mixture = tuple(config.data.get("image_text", ()))
     for entry in mixture:
         if not (isinstance(entry, tuple | list) and len(entry) == 2 and isinstance(entry[0], str)
                 and isinstance(entry[1], int | float) and entry[1] > 0):
             raise ValueError(f"config.data.image_text entry {entry!r} must be a (directory, weight > 0) pair")
     for name in ("image_text_dir", "tokenizer_path"):
-        if not config.data[name] and not config.data.synthetic_dir and not (name == "image_text_dir" and mixture):
+        if not config.data[name] and not (name == "image_text_dir" and mixture):
             raise ValueError(f"config.data.{name} is empty")
+    return Checked(config, tasks, run_optim, data_config(config, tasks), eval_tasks)
+
+
+def _local_path(path) -> bool:
+    return bool(path) and "://" not in path and not path.startswith("tfds:")
+
+
+def check_inputs(config, tasks) -> None:
+    """What jclip-train reads, checked before any compute (local paths only): every path the config names
+    exists, the tokenizer fits config.model.text, and every prepared directory holds records of the kind
+    its use needs."""
+    from jclip_jax.tokenizer import TextTokenizer
+
+    named = {"data.image_text_dir": config.data.image_text_dir, "data.text_dir": config.data.text_dir,
+             "data.tokenizer_path": config.data.tokenizer_path, "init.checkpoint": config.init.checkpoint,
+             "init.eva02": config.init.eva02, "init.jina_bert": config.init.jina_bert,
+             "init.jina_embeddings_v3": config.init.get("jina_embeddings_v3"),
+             "evals.image_text_dir": config.evals.image_text_dir, "evals.text_pairs_dir": config.evals.text_pairs_dir,
+             **{f"data.image_text[{i}]": d for i, (d, _) in enumerate(config.data.get("image_text", ()))}}
+    missing = [f"config.{k}={v!r}" for k, v in named.items() if _local_path(v) and not os.path.exists(v)]
+    if missing:
+        raise FileNotFoundError("these paths do not exist: " + ", ".join(missing))
+
+    tok = TextTokenizer(config.data.tokenizer_path)
+    if tok.vocab_size > config.model.text.vocab_size:
+        raise ValueError(f"tokenizer {config.data.tokenizer_path!r} has {tok.vocab_size} tokens, more than "
+                         f"config.model.text.vocab_size={config.model.text.vocab_size}")
+    if tok.pad_id != config.model.text.pad_token_id:
+        raise ValueError(f"tokenizer pad id {tok.pad_id} != config.model.text.pad_token_id="
+                         f"{config.model.text.pad_token_id}")
+
+    wanted = {"data.image_text_dir": "image_text", "evals.image_text_dir": "image_text",
+              "evals.text_pairs_dir": "text_pair"}
+    text_kinds = {batch_schema.TEXT_TASK_RECORDS[t][0] for t in tasks if t in batch_schema.TEXT_TASK_RECORDS}
+    if len(text_kinds) > 1:
+        raise ValueError(f"config.loss tasks {tasks} need both text pairs and triplets from one config.data.text_dir")
+    if text_kinds:
+        wanted["data.text_dir"] = text_kinds.pop()
+    for key, kind in wanted.items():
+        section, name = key.split(".")
+        path = config[section][name]
+        if not _local_path(path):
+            continue
+        try:
+            manifest = records.read_manifest(path)
+        except FileNotFoundError:
+            raise ValueError(f"config.{key}={path!r} is not a prepared dataset (no {records.MANIFEST}; "
+                             "run jclip-prepare)") from None
+        if manifest.get("kind") != kind:
+            stage = f" (config.loss.stage={config.loss.stage})" if key == "data.text_dir" else ""
+            raise ValueError(f"config.{key}={path!r} holds {manifest.get('kind')!r} records; this run needs "
+                             f"{kind!r} records there{stage}")
+        empty = [name for name, entry in manifest["datasets"].items()
+                 if not entry.get("count") or not entry.get("files")]
+        if not manifest["datasets"] or empty:
+            raise ValueError(f"config.{key}={path!r} holds no records" +
+                             (f" in dataset(s) {sorted(empty)}" if empty else ""))
+
+
+def check_batch_split(config, mesh) -> None:
+    """The batch sizes divide over the devices the batch is split over, times micro_batches."""
+    axes = sharding.batch_axes(mesh)
+    devices = math.prod(mesh.shape[a] for a in axes)
+    split = devices * config.micro_batches
+    sizes = {"data.image_batch_size": config.data.image_batch_size}
+    if config.data.text_dir:
+        sizes["data.text_batch_size"] = config.data.text_batch_size
+    for key, size in sizes.items():
+        if size % split:
+            over = " x ".join(f"{a}={mesh.shape[a]}" for a in axes) or "1"
+            raise ValueError(f"config.{key}={size} is not divisible by {split}: the batch is split over the mesh "
+                             f"axes {over} and config.micro_batches={config.micro_batches}")
 
 
 def text_lora_frozen_patterns(config) -> tuple[str, ...]:
@@ -177,9 +319,9 @@ def optim_for_run(config):
     return o
 
 
-def warmup_note(config) -> str | None:
-    """The note to print when optim_for_run clips the warmup, else None."""
-    clipped = optim_for_run(config).warmup_steps
+def warmup_note(config, run_optim=None) -> str | None:
+    """The note to print when optim_for_run clips the warmup (run_optim: its result, if at hand), else None."""
+    clipped = (run_optim or optim_for_run(config)).warmup_steps
     if clipped != config.optim.warmup_steps:
         return (f"config.optim.warmup_steps={config.optim.warmup_steps} is not below config.total_steps="
                 f"{config.total_steps}: warming up for {clipped} steps instead")
@@ -211,8 +353,6 @@ def flat_dict(d, prefix=""):
 def resume_changes(saved: dict, current) -> list[str]:
     """Compare the config saved with a checkpoint (a JSON dict) with `current`; returns the allowed changes
     as 'key: old -> new' lines, or raises ValueError naming every incompatible key in one line."""
-    import json
-
     old, new = flat_dict(saved), flat_dict(json.loads(current.to_json_best_effort()))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     # a key only one side has is a field added or removed by a code change, not a change of this run
@@ -223,92 +363,3 @@ def resume_changes(saved: dict, current) -> list[str]:
                          ", ".join(f"config.{k} {old.get(k)!r} -> {new.get(k)!r}" for k in refused) +
                          " (use a new --workdir, with --config.init.checkpoint=<this workdir> to start from it)")
     return [f"config.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
-
-
-
-
-# ------------------------------------------------------------------ jina-clip-v1's recipe (paper §4)
-
-TABLE2 = {  # stage: (peak lr, image-text batch, text batch, steps, max length)
-    1: (1e-4, 32_768, 32_768, 60_000, 77),
-    2: (5e-6, 8_192, 8_192, 1_500, 512),
-    3: (1e-6, 1_024, 1_024, 7_000, 512),
-}
-
-
-def jina_clip_v1_stage(stage: int, arg: str | None = None):
-    """Table 2 of the paper for `stage`. `arg` 'runlocal' shrinks batches and steps for a smoke run."""
-    lr, image_batch, text_batch, steps, max_length = TABLE2[stage]
-    # bf16 compute with fp32 master params; remat per block so 32k batches fit with GradCache.
-    model = model_configs.jina_clip_v1(dtype="bfloat16", remat=True, scan_layers=True)
-    c = base_config(model, stage)
-    c.total_steps = steps
-    c.optim.peak_lr = lr
-    c.optim.warmup_steps = {1: 1_000, 2: 100, 3: 500}[stage]  # [U] not given in the paper
-    c.data.image_batch_size = image_batch
-    c.data.text_batch_size = text_batch
-    c.data.image_max_length = max_length
-    c.data.text_max_length = max_length
-    c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
-    c.micro_batches = 1  # raise (e.g. 8) to fit the batch through GradCache on few devices
-    # Point these at your prepared data (jclip-prepare) and tokenizer (jina-clip-v1's tokenizer.json):
-    c.data.image_text_dir = "data/laion400m" if stage == 1 else "data/long_captions"
-    c.data.text_dir = "data/text_pairs" if stage < 3 else "data/triplets"
-    c.data.tokenizer_path = "data/tokenizer.json"
-    c.evals.image_text_dir = "data/eval/flickr30k_test"
-    c.evals.text_pairs_dir = None
-    c.log_every, c.eval_every, c.checkpoint_every = 50, 5_000, 1_000
-    if arg == "runlocal":
-        c.total_steps, c.optim.warmup_steps = 10, 2
-        c.data.image_batch_size = c.data.text_batch_size = 8
-        c.log_every = c.checkpoint_every = 5
-        c.eval_every = 0
-    return c
-
-
-# ------------------------------------------------------------------ jina-clip-v2's recipe (arXiv 2412.08802)
-
-# stage: (image size, max length) as the paper states them (stage 1 short captions + text pairs at 224 px and
-# 77 tokens; stage 2 long captions at 384 px and 512 tokens; stage 3 hard-negative triplets at 512 px).
-V2_STAGE_SHAPES = {1: (224, 77), 2: (384, 512), 3: (512, 512)}
-# [chosen] peak lr, image-text batch, text batch, steps: not found in the sources read; v1's Table 2 values.
-V2_STAGE_SCHEDULE = {1: TABLE2[1][:4], 2: TABLE2[2][:4], 3: TABLE2[3][:4]}
-
-
-def jina_clip_v2_stage(stage: int, arg: str | None = None):
-    """jina-clip-v2's stage `stage`; 'runlocal' shrinks the model (tiny-v2), batches and steps for a smoke run.
-
-    The image size changes between stages (224 -> 384 -> 512): `config.init.checkpoint` of the previous stage
-    loads with vision_model/pos_embed resampled to the new grid (train.resample_image_positions).
-    """
-    image_size, max_length = V2_STAGE_SHAPES[stage]
-    lr, image_batch, text_batch, steps = V2_STAGE_SCHEDULE[stage]
-    model = model_configs.jina_clip_v2(dtype="bfloat16", remat=True, scan_layers=True)
-    model.vision.image_size = image_size
-    c = base_config(model, stage)
-    c.total_steps = steps
-    c.optim.peak_lr = lr
-    c.optim.warmup_steps = {1: 1_000, 2: 100, 3: 500}[stage]  # [chosen] as v1
-    c.data.image_batch_size, c.data.text_batch_size = image_batch, text_batch
-    c.data.image_max_length = c.data.text_max_length = max_length
-    # Matryoshka loss on jina-clip-v2's config.json `matryoshka_dimensions` [C]; equal weights [chosen].
-    c.loss.matryoshka_dims = tuple(model.matryoshka_dimensions)
-    c.loss.matryoshka_weights = (1.0,) * len(c.loss.matryoshka_dims)
-    # [chosen] full fine-tuning of the text tower with its LoRA. jina-clip-v2's config.json says
-    # lora_main_params_trainable: false; set text_lora='lora_only' to train only the LoRA factors of the text tower.
-    c.text_lora = "all"
-    c.data.image_text_dir = "data/image_text_short" if stage == 1 else "data/image_text_long"
-    c.data.text_dir = "data/text_pairs" if stage < 3 else "data/triplets"
-    c.data.tokenizer_path = "data/xlm_roberta_tokenizer.json"  # jina-embeddings-v3's tokenizer.json
-    c.evals.image_text_dir = "data/eval/flickr30k_test"
-    c.evals.text_pairs_dir = None
-    if arg == "runlocal":
-        c.model = model_configs.tiny_v2()
-        c.loss.matryoshka_dims = tuple(c.model.matryoshka_dimensions)
-        c.loss.matryoshka_weights = (1.0,) * len(c.loss.matryoshka_dims)
-        c.total_steps, c.optim.warmup_steps = 10, 2
-        c.data.image_batch_size = c.data.text_batch_size = 8
-        c.data.image_max_length = c.data.text_max_length = 32
-        c.log_every = c.checkpoint_every = 5
-        c.eval_every = 0
-    return c

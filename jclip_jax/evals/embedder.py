@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from jclip_jax import distributed, sharding
-from jclip_jax.encode import pad_to_batch
+from jclip_jax.inference import pad_to_batch
 from jclip_jax.preprocess import eval_transform
 from jclip_jax.tokenizer import DEFAULT_BUCKETS
 

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import numpy as np
 from flax import nnx
 
-from jclip_jax.encode import normalize_rows
-from jclip_jax.evals.embed import Embedder
-from jclip_jax.evals.model import load_model
+from jclip_jax.evals.embedder import Embedder
+from jclip_jax.inference import normalize_rows
+from jclip_jax.loading import load_model
 
 
 class CheckpointEncoder:

@@ -244,8 +244,8 @@ def check_config(config) -> None:
 
 def make_optimizer(config) -> optax.GradientTransformation:
     """[clip_by_global_norm] -> AdamW with the decay mask and the warmup-cosine schedule; frozen
-    parameters (config.frozen) are zeroed and hold no state. Clipping sees the trainable gradients only."""
-    check_config(config)
+    parameters (config.frozen) are zeroed and hold no state. Clipping sees the trainable gradients only.
+    `config` is checked by check_config (training/config.validate runs it once, before any compute)."""
     decays = dict(config.get("layer_decay", {}) or {})
     if config.get("lr_mults") or config.get("wd_mults") or any(d != 1.0 for d in decays.values()):
         tx = _adamw_with_multipliers(config, learning_rate_schedule(config))

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jclip_jax.models.layers import l2_normalize
 from jclip_jax.preprocess import eval_transform
 
 
@@ -26,12 +27,13 @@ def _image_features(model, pixels):
 
 
 def normalize_rows(features: np.ndarray, truncate_dim: int | None = None) -> np.ndarray:
-    """Matryoshka truncation first (keep the first k dims), then L2 normalisation, as jina-clip does."""
+    """float32 (N, D) -> float32 (N, k) unit rows: Matryoshka truncation first (keep the first k =
+    truncate_dim dims), then L2 normalisation (layers.l2_normalize), as jina-clip does."""
     if truncate_dim is not None:
         if not 0 < truncate_dim <= features.shape[-1]:
             raise ValueError(f"truncate_dim={truncate_dim} must be in [1, {features.shape[-1]}]")
         features = features[:, :truncate_dim]
-    return features / np.maximum(np.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
+    return np.asarray(l2_normalize(jnp.asarray(features, jnp.float32)))
 
 
 def pad_to_batch(x: np.ndarray, rows: int, pad_id: int | None = None) -> np.ndarray:

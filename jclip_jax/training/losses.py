@@ -34,6 +34,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from jclip_jax.data import batch as batch_schema
+from jclip_jax.models.layers import l2_normalize
+
 TEXT_PAIR_TEMPERATURE = 0.05  # paper §4.2, after Günther et al. (2023)
 MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps log(1/tau) to [0, ln 100] after every step
 
@@ -53,11 +56,6 @@ IMPLEMENTATIONS = ("plain", "tiled")
 # logits are a few % of a step's FLOPs at jina-clip's sizes, so the default is 'highest'.
 PRECISIONS = ("default", "high", "highest")
 DEFAULT_PRECISION = "highest"
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """x / max(||x||_2, eps) along the last axis (torch F.normalize semantics)."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def image_text_scale(logit_scale: jax.Array) -> jax.Array:
@@ -357,9 +355,11 @@ def joint_loss(features: dict[str, jax.Array], logit_scale: jax.Array, loss_conf
       image_text:   'image_caption' (B, D), 'image' (B, D)              tau = 1 / exp(logit_scale)
       text_triplet: 'triplet_query' (B, D), 'triplet_positive' (B, D),
                     'triplet_negatives' (B, K, D)                       tau = loss.text_temperature
-    Returns (total, {'loss/<task>': value, 'logit_scale': exp(logit_scale)}).
+    The tasks are those whose keys `features` holds (the step checked the batch against config.loss, which
+    the config's validation checked once). Returns (total, {'loss/<task>': value, 'logit_scale':
+    exp(logit_scale)}).
     """
-    tasks = check_loss_config(loss_config)
+    tasks = batch_schema.tasks_of(features)
     kwargs = dict(mesh=mesh, batch_axes=tuple(loss_config.get("batch_axes", ()) or ()),
                   implementation=loss_config.get("implementation", "plain"),
                   tile_size=loss_config.get("tile_size", None),
