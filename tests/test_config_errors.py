@@ -24,6 +24,7 @@ from jclip_jax.training.setup import TrainSetup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
+V1 = os.path.join(REPO, "configs", "jina_clip_v1.py")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,9 @@ def test_unknown_key_and_bad_override_are_one_line(tmp_path):
     base = [sys.executable, "-m", "jclip_jax.training.cli", f"--workdir={tmp_path}"]
     for args, wanted in ((["--config.foo=1"], "config override --config.foo=1: no such field"),  # default config
                          ([f"--config={DEMO}", "--config.data.fooo=2"], "--config.data.fooo=2: no such field"),
-                         ([f"--config={DEMO}", "--config.total_steps=abc"], "--config.total_steps=abc")):
+                         ([f"--config={DEMO}", "--config.total_steps=abc"], "--config.total_steps=abc"),
+                         ([f"--config={V1}:stage=4"], "configs/jina_clip_v1.py: stage=4; the recipe has stages"),
+                         ([f"--config={V1}:stage=2,fast"], "config argument 'fast': unknown name 'fast'")):
         out = subprocess.run(base + args, capture_output=True, text=True, cwd=REPO)
         assert out.returncode == 2, out.stderr[-2000:]
         lines = [line for line in out.stderr.splitlines() if line.strip()]

@@ -67,7 +67,10 @@ def parse_flags(argv, prog: str = "jclip-train"):
             raise _CONFIG_ERROR
         return flags.FLAGS(argv)
     except flags.Error as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+        message, _, trace = str(e).partition("Traceback (most recent call last):")
+        if trace:  # ml_collections puts the config file's traceback in the message: keep its last line
+            message = f"{message.strip()} {trace.strip().splitlines()[-1]}"
+        print(f"{prog}: {message}", file=sys.stderr)
     except _CONFIG_OVERRIDE_ERRORS as e:
         bad = [a for a in argv[1:] if a.startswith("--config.")]
         detail = str(e).strip("'\"")

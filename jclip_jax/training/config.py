@@ -56,7 +56,7 @@ def parse_arg(arg: str | None, **defaults):
             try:
                 out[name] = kind(value)
             except ValueError:
-                raise ValueError(f"config argument {item!r}: {value!r} is not a {kind.__name__}") from None
+                raise ValueError(f"config argument {item!r}: {value!r} is not of type {kind.__name__}") from None
     return out
 
 
