@@ -10,7 +10,6 @@ One iteration: pipeline batch (data/pipeline.py) -> global arrays -> step (train
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import threading
@@ -75,8 +74,7 @@ def check_saves(mngr, step: int) -> None:
 def train(config, workdir: str) -> dict:
     """Runs (or resumes) the config's training in `workdir`; returns the final evaluation."""
     run = setup(config, workdir)  # validation and every input check: before any compute
-    with contextlib.ExitStack() as cleanup:  # the workdir lock is released however the run ends
-        cleanup.enter_context(workdir_lock.hold(workdir, jax.process_index()))
+    with workdir_lock.hold(workdir, jax.process_index()):  # released however the run ends
         return _train(run, workdir)
 
 

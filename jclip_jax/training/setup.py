@@ -15,6 +15,7 @@ schedule -> abstract train state and its shardings -> replication check -> the j
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 
 import jax
@@ -138,8 +139,6 @@ def rng_spec(mesh) -> jax.ShapeDtypeStruct:
 
 def prepare_synthetic_if_absent(config) -> None:
     """The demo's embedded dataset: written once under config.data.synthetic_dir."""
-    import os
-
     from jclip_jax.data import synthetic
 
     root = config.data.synthetic_dir
