@@ -4,6 +4,7 @@
     jclip-train --config configs/finetune.py:jina-clip-v1/ --workdir workdirs/mine \
         --config.data.image_text_dir=data/mine
     jclip-convert to-torch --checkpoint workdirs/mine --output jina-clip-v1-mine/
+    jclip-train --config configs/finetune.py:jina-clip-v1/,runlocal --workdir workdirs/mine_local  # a smoke run
 
 The config argument is where to start: a jina-clip HF directory (config.json + model.safetensors +
 tokenizer.json) or a jclip-train workdir. config.model and the tokenizer follow it, so nothing has to be
@@ -16,16 +17,22 @@ Fine-tuning controls (jclip_jax/training/optim.py), e.g.
 """
 
 from jclip_jax.loading import model_config_and_tokenizer
-from jclip_jax.training.config import base_config
+from jclip_jax.models import configs as model_configs
+from jclip_jax.training.config import base_config, runlocal
 
 
 def get_config(arg=None):
-    if not arg:
-        raise ValueError("configs/finetune.py needs the model to start from: "
-                         "--config configs/finetune.py:PATH (a jina-clip directory or a jclip-train workdir)")
-    model, tokenizer = model_config_and_tokenizer(arg)
+    # "PATH", "PATH,runlocal" (PATH's model on the embedded data) or "runlocal" (the tiny model from scratch)
+    parts = [p for p in (arg or "").split(",") if p]
+    smoke = "runlocal" in parts
+    sources = [p for p in parts if p != "runlocal"]
+    if len(sources) > 1 or not (sources or smoke):
+        raise ValueError("configs/finetune.py needs the model to start from: --config configs/finetune.py:PATH "
+                         "(a jina-clip directory or a jclip-train workdir), PATH,runlocal or runlocal")
+    source = sources[0] if sources else None
+    model, tokenizer = model_config_and_tokenizer(source) if source else (model_configs.tiny(), "")
     c = base_config(model, stage=1)
-    c.init.checkpoint = arg
+    c.init.checkpoint = source
     c.data.tokenizer_path = tokenizer
     c.data.image_text_dir = ""  # your jclip-prepare output
     c.data.text_dir = None
@@ -41,4 +48,9 @@ def get_config(arg=None):
     c.checkpoint_every = 200
     c.evals.image_text_dir = None
     c.evals.text_pairs_dir = None
+    if smoke:  # the embedded image-caption pairs; from PATH's weights and tokenizer, or a tiny model from scratch
+        runlocal(c, f"configs/finetune.py:{arg}", None, max_length=32)
+        c.init.checkpoint = source
+        if not source:
+            c.data.tokenizer_path = ""  # the synthetic tokenizer
     return c

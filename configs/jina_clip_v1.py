@@ -3,7 +3,9 @@
     jclip-train --config configs/jina_clip_v1.py:stage=1 --workdir workdirs/jina_clip_v1_stage1
     jclip-train --config configs/jina_clip_v1.py:stage=2 --workdir workdirs/jina_clip_v1_stage2
     jclip-train --config configs/jina_clip_v1.py:stage=3 --workdir workdirs/jina_clip_v1_stage3
-    jclip-train --config configs/jina_clip_v1.py:stage=2,runlocal ...     # small batches, 10 steps
+    jclip-train --config configs/jina_clip_v1.py:stage=1,runlocal --workdir workdirs/v1_stage1_local  # a smoke run
+    jclip-train --config configs/jina_clip_v1.py:stage=2,runlocal --workdir workdirs/v1_stage2_local \
+        --config.init.checkpoint=workdirs/v1_stage1_local          # stages chain locally as on the pod
     jclip-compile --config configs/jina_clip_v1.py:stage=1 --topology v5p:4x4x4
 
 Stage 1: image-caption pairs (LAION-400M) + text pairs, 77 tokens. Stage 2: long (synthetic) captions + text
@@ -13,7 +15,7 @@ given in the paper (our choice).
 """
 
 from jclip_jax.models import configs as model_configs
-from jclip_jax.training.config import base_config, parse_arg
+from jclip_jax.training.config import base_config, parse_arg, runlocal
 
 TABLE2 = {  # [P] Table 2. stage: (peak lr, image-text batch, text batch, steps, max length)
     1: (1e-4, 32_768, 32_768, 60_000, 77),
@@ -53,9 +55,6 @@ def get_config(arg=None):
         c.init.jina_bert = "weights/jina-bert-v2-base-en.safetensors"
     else:  # the previous stage's workdir: its latest params
         c.init.checkpoint = f"workdirs/jina_clip_v1_stage{stage - 1}"
-    if arg.runlocal:
-        c.total_steps, c.optim.warmup_steps = 10, 2
-        c.data.image_batch_size = c.data.text_batch_size = 8
-        c.log_every = c.checkpoint_every = 5
-        c.eval_every = 0
+    if arg.runlocal:  # the tiny model (2 layers, width 64, 32 px), the embedded data, 10 steps
+        runlocal(c, f"configs/jina_clip_v1.py:stage={stage}", model_configs.tiny(), max_length=32 if stage == 1 else 64)
     return c

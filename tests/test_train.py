@@ -160,7 +160,7 @@ def test_bad_config_fails_before_compute(tmp_path):
     assert out.returncode == 2 and "config.total_steps=-5" in out.stderr
     out = subprocess.run(cmd + ["--config.data.crop_scale=(0.5,2.0)"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and "crop_scale" in out.stderr
-    stage1 = os.path.join(REPO, "configs", "jina_clip_v1.py") + ":stage=1,runlocal"
+    stage1 = os.path.join(REPO, "configs", "jina_clip_v1.py") + ":stage=1"  # the pod recipe, on a laptop
     out = subprocess.run([*cmd[:3], f"--config={stage1}", f"--workdir={tmp_path}"],
                          capture_output=True, text=True, cwd=str(tmp_path))
     assert out.returncode == 2 and "these paths do not exist" in out.stderr

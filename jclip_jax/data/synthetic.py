@@ -15,7 +15,9 @@ Splits written by `write_synthetic(DIR)`:
     DIR/eval_text_pairs  text_pair: each distinct caption with a held-out paraphrase (text->text eval)
     DIR/triplets    triplet: caption, paraphrase, 7 paraphrases of captions that differ in one attribute
     DIR/tokenizer.json  a BERT-style uncased WordPiece tokenizer ([PAD]=0, [CLS] ... [SEP]) trained on all of
-                    the above text, so the demo needs no download
+                    the above text, so the demo needs no download (jina-clip-v1's kind)
+    DIR/xlmr_tokenizer.json  an XLM-R-style SentencePiece Unigram tokenizer (<s>=0, <pad>=1, </s>=2, <unk>=3;
+                    <s> ... </s>) trained on the same text (jina-clip-v2's kind: the v2 recipes' runlocal)
 """
 
 from __future__ import annotations
@@ -177,6 +179,34 @@ def write_tokenizer(path: str | os.PathLike, texts: list[str], vocab_size: int =
     tokenizer.save(os.fspath(path))
 
 
+def write_xlmr_style_tokenizer(path: str | os.PathLike, texts: list[str], vocab_size: int = 256) -> None:
+    """Trains an XLM-R-shaped tokenizer.json on `texts`, like jina-embeddings-v3's but tiny: SentencePiece
+    Unigram with NFKC and Metaspace; <s>=0, <pad>=1, </s>=2, <unk>=3; encodings are <s> ... </s>."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.normalizer = normalizers.NFKC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>")
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    tokenizer.save(os.fspath(path))
+
+
+TOKENIZERS = {"tokenizer.json": write_tokenizer, "xlmr_tokenizer.json": write_xlmr_style_tokenizer}
+
+
+def write_tokenizers(output_dir: str | os.PathLike, seed: int = 0) -> None:
+    """The tokenizers of TOKENIZERS that `output_dir` lacks (a directory written before one was added)."""
+    for name, write in TOKENIZERS.items():
+        path = os.path.join(os.fspath(output_dir), name)
+        if not os.path.exists(path):
+            write(path, vocabulary_texts(seed))
+
+
 def write_synthetic(output_dir: str | os.PathLike, num_train: int = 5000, num_eval: int = len(OBJECTS),
                     num_text_pairs: int = 5000, num_triplets: int = 2000, image_size: int = 64,
                     seed: int = 0, progress=None) -> dict[str, dict]:
@@ -196,5 +226,5 @@ def write_synthetic(output_dir: str | os.PathLike, num_train: int = 5000, num_ev
             for record in progress(stream, total, split):
                 writer.write(record, dataset="synthetic")
         summaries[split] = writer.close()
-    write_tokenizer(os.path.join(os.fspath(output_dir), "tokenizer.json"), vocabulary_texts(seed))
+    write_tokenizers(output_dir, seed)
     return summaries

@@ -78,6 +78,7 @@ def base_config(model: ml_collections.ConfigDict, stage: int) -> ml_collections.
     # Pin the towers' activations to the batch axes (models/layers.activation_sharding); False leaves them
     # to GSPMD (jclip-compile compares the two).
     c.activation_constraints = True
+    c.local_smoke_run = ""  # set by `runlocal`: what the smoke run changed; printed first (training/setup.py)
 
     c.init = ml_collections.ConfigDict()
     c.init.checkpoint = ml_collections.FieldReference(None, field_type=str)
@@ -126,6 +127,46 @@ def base_config(model: ml_collections.ConfigDict, stage: int) -> ml_collections.
     return c
 
 
+SYNTHETIC_DIR = "data/synthetic"  # the embedded dataset (data/synthetic.py), written on first use
+
+
+def runlocal(c, recipe: str, model: ml_collections.ConfigDict | None = None, *, max_length: int = 32):
+    """Recipe `c` as a local smoke run (big_vision's `:runlocal`), in place; returns it.
+
+    Kept from the recipe: the losses and task mix, Matryoshka (on `model`'s dims), the LoRA mode, the optimizer
+    and its schedule's shape, the mesh, and the model's dtype, remat, remat policy, scan and attention.
+    Changed: `model` (a small one of the same architecture and image size; None keeps the recipe's), the
+    embedded synthetic data and its tokenizer (data/synthetic.py) instead of the pod's directories, no
+    pretrained towers or previous stage (chain stages with --config.init.checkpoint=<runlocal workdir>),
+    batches of 8 and `max_length` tokens, 10 steps. jclip-train says so in its first line.
+    """
+    if model is not None:
+        kept = {k: c.model[k] for k in ("dtype", "remat", "remat_policy", "scan_layers", "attention")
+                if k in c.model}
+        c.model = model
+        c.model.update(kept)
+        if c.loss.matryoshka_dims:
+            c.loss.matryoshka_dims = tuple(model.matryoshka_dimensions)
+            c.loss.matryoshka_weights = (1.0,) * len(c.loss.matryoshka_dims)
+    c.data.synthetic_dir = SYNTHETIC_DIR  # unset paths below point at its splits (with_synthetic_paths)
+    c.data.image_text_dir, c.data.image_text, c.data.text_dir = "", (), None
+    if model is not None:
+        c.data.tokenizer_path = ""  # the synthetic tokenizer of the text tower's kind
+    c.evals.image_text_dir = c.evals.text_pairs_dir = None
+    c.evals.tasks = ml_collections.ConfigDict()
+    c.init.checkpoint = c.init.eva02 = c.init.jina_bert = c.init.jina_embeddings_v3 = None
+    c.total_steps, c.optim.warmup_steps = 10, 2
+    c.data.image_batch_size = c.data.text_batch_size = 8
+    c.data.image_max_length = c.data.text_max_length = max_length
+    c.log_every = c.checkpoint_every = 5
+    c.eval_every = 0  # the final evaluation, on the synthetic eval splits
+    what = "a small model of the same architecture" if model is not None else "the recipe's model"
+    c.local_smoke_run = (f"runlocal: a local smoke run of {recipe}: {what} at {c.model.vision.image_size} px, the "
+                         f"synthetic data in {SYNTHETIC_DIR}, batches of 8, {max_length} tokens, 10 steps; losses, "
+                         "task mix and optimizer as the recipe")
+    return c
+
+
 def data_config(config, tasks) -> DataConfig:
     """config.data -> the pipeline's DataConfig (image size and text lengths follow the model/stage); the
     text directory is read only when a task needs it."""
@@ -143,13 +184,15 @@ def data_config(config, tasks) -> DataConfig:
 
 
 def with_synthetic_paths(config):
-    """With config.data.synthetic_dir (the demo): the data and eval paths left unset point at its splits."""
+    """With config.data.synthetic_dir (the demo, runlocal): the data and eval paths left unset point at its
+    splits, and the tokenizer at the one of the text tower's kind (data/synthetic.py)."""
     if not config.data.get("synthetic_dir"):
         return config
     config = config.copy_and_resolve_references()
     root, d, e = config.data.synthetic_dir, config.data, config.evals
     d.image_text_dir = d.image_text_dir or os.path.join(root, "train")
-    d.tokenizer_path = d.tokenizer_path or os.path.join(root, "tokenizer.json")
+    xlmr = config.model.text.get("model_type") == "xlm_roberta"
+    d.tokenizer_path = d.tokenizer_path or os.path.join(root, "xlmr_tokenizer.json" if xlmr else "tokenizer.json")
     text_split = "triplets" if config.loss.stage == 3 else "text_pairs"
     d.text_dir = d.text_dir or os.path.join(root, text_split)
     e.image_text_dir = e.image_text_dir or os.path.join(root, "eval")
@@ -240,7 +283,10 @@ def check_inputs(config, tasks) -> None:
              **{f"data.image_text[{i}]": d for i, (d, _) in enumerate(config.data.get("image_text", ()))}}
     missing = [f"config.{k}={v!r}" for k, v in named.items() if _local_path(v) and not os.path.exists(v)]
     if missing:
-        raise FileNotFoundError("these paths do not exist: " + ", ".join(missing))
+        hint = "" if config.get("local_smoke_run") else (
+            " (a recipe's local smoke run on the embedded data: add runlocal to its argument, e.g. "
+            "--config configs/jina_clip_v1.py:stage=1,runlocal)")
+        raise FileNotFoundError("these paths do not exist: " + ", ".join(missing) + hint)
 
     tok = TextTokenizer(config.data.tokenizer_path)
     if tok.vocab_size > config.model.text.vocab_size:

@@ -87,6 +87,8 @@ def setup(config, workdir: str | None = None, *, devices=None, num_slices: int |
     absent and checks every input the run will read, before any compute. devices: the mesh's devices
     (default: all of jax's), e.g. a TPU topology's abstract devices; num_slices: how many slices they span.
     """
+    if config.get("local_smoke_run"):  # the first line of a runlocal run (training/config.runlocal)
+        print(config.local_smoke_run, flush=True)
     checked = config_lib.validate(config)  # the config's fields, before anything else
     config = checked.config
     if workdir is not None:
@@ -142,9 +144,11 @@ def prepare_synthetic_if_absent(config) -> None:
     from jclip_jax.data import synthetic
 
     root = config.data.synthetic_dir
-    if jax.process_index() == 0 and not os.path.exists(os.path.join(root, "tokenizer.json")):
-        print(f"preparing the synthetic dataset in {root} ...", flush=True)
-        synthetic.write_synthetic(root, image_size=config.model.vision.image_size)
+    if jax.process_index() == 0:
+        if not os.path.exists(os.path.join(root, "tokenizer.json")):  # written last but one: the splits are complete
+            print(f"preparing the synthetic dataset in {root} ...", flush=True)
+            synthetic.write_synthetic(root, image_size=config.model.vision.image_size)
+        synthetic.write_tokenizers(root)  # a directory written before a tokenizer kind was added
     if jax.process_count() > 1:  # the other processes read it only once process 0 has written it
         from jax.experimental import multihost_utils
 
