@@ -92,6 +92,20 @@ def test_prepared_dataset_with_no_records(synthetic_dir, tmp_path, no_compute):
         train.train(config, str(tmp_path / "work"))
 
 
+def test_unweighted_text_dataset_and_a_mixture_of_the_wrong_kind_fail_before_compute(synthetic_dir, tmp_path,
+                                                                                    no_compute):
+    config = demo_config(synthetic_dir)
+    config.data.text_weights = {"paraphrase": 1.0}  # 'attributes' would silently never be sampled
+    with pytest.raises(ValueError, match=r"config.data.text_weights gives no weight to \['attributes'\] of "):
+        train.train(config, str(tmp_path / "work"))
+    config = demo_config(synthetic_dir)
+    config.data.image_text = ((os.path.join(synthetic_dir, "train"), 0.5),
+                              (os.path.join(synthetic_dir, "text_pairs"), 0.5))  # text pairs in an image mixture
+    with pytest.raises(ValueError, match=r"config.data.image_text\[1\]='.*text_pairs' holds 'text_pair' records; "
+                                         r"this run needs 'image_text' records there"):
+        train.train(config, str(tmp_path / "work"))
+
+
 def test_short_runs_clip_the_warmup(synthetic_dir):
     for steps in (1, 7, 40, 51):
         config = train_config.with_synthetic_paths(demo_config(synthetic_dir))

@@ -27,6 +27,28 @@ def test_stratified_selection_has_exact_quotas_random_order_and_o1_lookup():
         pipeline.StratifiedSelectionMap([1.0, 1e-4], seed=0, block=90)
 
 
+def test_stratified_selection_is_safe_under_concurrent_reads():
+    """grain's read threads share one map: lookups from 8 threads across many blocks (the block cache
+    evicting all the time) give the single-threaded answers, and none fails."""
+    import pickle
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    indices = np.random.default_rng(0).integers(0, 16 * 400, size=20_000).tolist()
+    want = [pipeline.StratifiedSelectionMap([3.0, 1.0], seed=2, block=16)[k] for k in indices]
+    shared = pipeline.StratifiedSelectionMap([3.0, 1.0], seed=2, block=16)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often enough that an unguarded cache fails (KeyError 4 in 5)
+    try:
+        for _ in range(3):
+            with ThreadPoolExecutor(8) as pool:
+                assert list(pool.map(shared.__getitem__, indices, chunksize=50)) == want
+    finally:
+        sys.setswitchinterval(interval)
+    copy = pickle.loads(pickle.dumps(shared))  # as grain hands it to a worker process: with its own lock
+    assert [copy[k] for k in indices[:100]] == want[:100]
+
+
 @pytest.fixture(scope="module")
 def two_sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("mixture")

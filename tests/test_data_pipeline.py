@@ -228,8 +228,11 @@ def test_triplet_batches(data):
 
 
 def test_bad_config_errors_name_the_value(data):
-    with pytest.raises(ValueError, match="text_weights names \\['delta'\\]"):
+    with pytest.raises(ValueError, match="text_weights names \\['delta'\\], not datasets of"):
         pipeline.text_dataset(config(data, text_weights={"delta": 1.0}), share=(0, 1))
+    # a dataset left out of text_weights would never be sampled: named, not dropped silently
+    with pytest.raises(ValueError, match="text_weights gives no weight to \\['beta', 'gamma'\\] of .*pairs"):
+        pipeline.text_dataset(config(data, text_weights={"alpha": 1.0}), share=(0, 1))
     with pytest.raises(ValueError, match="image_batch_size=3 must be a positive multiple of the 2"):
         pipeline.image_text_dataset(config(data, image_batch_size=3), share=(0, 2))
     with pytest.raises(ValueError, match="holds 'text_pair' records, expected 'image_text'"):

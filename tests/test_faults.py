@@ -207,6 +207,11 @@ def test_changed_config_on_resume(trained, synthetic_dir, tmp_path):
         demo_config(synthetic_dir, total_steps=10, log_every=1, **{"model.remat": True})))
     assert [line.split(":")[0] for line in allowed] == ["config.log_every", "config.model.remat",
                                                          "config.total_steps"]
+    # the image-text mixture (other directories or weights) moves the data position: refused like a directory
+    mixture = train_config.with_synthetic_paths(demo_config(synthetic_dir))
+    mixture.data.image_text = ((os.path.join(synthetic_dir, "train"), 1.0),)
+    with pytest.raises(ValueError, match=r"incompatible changes: config.data.image_text \[\] -> \[\["):
+        train_config.resume_changes(saved, mixture)
 
 
 HOLD_LOCK = """

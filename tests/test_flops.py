@@ -29,6 +29,11 @@ def test_v1_matches_the_2_flops_per_param_rule():
     body_params = 12 * (4 * 768 * 768 + 3 * 768 * 3072)
     assert text == pytest.approx(2 * body_params * 77, rel=0.05)
     assert train_step_flops(cfg, 2, 3, 77) == pytest.approx(3 * (2 * (image + text) + 3 * 2 * text))
+    # captions of another length than the text pairs (stage 1 of a config with image_max_length 32): the
+    # captions at 32 tokens, the pairs (query, positive, 7 negatives) at 77
+    caption = text_forward_flops(cfg.text, 32)
+    assert train_step_flops(cfg, 2, 3, 77, negatives_per_query=7, caption_len=32) == pytest.approx(
+        3 * (2 * (image + caption) + 3 * 9 * text))
 
 
 def test_v2_text_flops_by_hand():

@@ -28,6 +28,7 @@ import dataclasses
 import io
 import os
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 
 import grain
@@ -283,12 +284,23 @@ class StratifiedSelectionMap(grain.transforms.DatasetSelectionMap):
         self.quotas, self.seed, self.block = quotas, seed, block
         self._layout = np.repeat(np.arange(len(quotas)), quotas)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._lock = threading.Lock()  # grain's read threads share the cache
+
+    def __getstate__(self):  # pickled into grain's worker processes: a lock does not travel
+        return {**self.__dict__, "_lock": None, "_cache": {}}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.Lock())
 
     def __len__(self) -> int:
         return sys.maxsize
 
     def _permuted(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         """(source, rank within the block) of each position of block b."""
+        with self._lock:
+            return self._permuted_locked(b)
+
+    def _permuted_locked(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         if b not in self._cache:
             order = np.random.default_rng([self.seed, b]).permutation(self._layout)
             ranks = np.empty(self.block, np.int64)
@@ -425,6 +437,21 @@ class TokenizeTextBatch(grain.transforms.Map):
         return out
 
 
+def text_dataset_weights(manifest: dict, text_weights: Mapping[str, float] | None, text_dir: str) -> list[float]:
+    """The sampling weight of each text dataset of a prepared directory (sorted by name): its record count,
+    or config.data.text_weights, which must name every dataset (0 leaves one out) and no other."""
+    names = sorted(manifest["datasets"])
+    if text_weights is None:
+        return [float(manifest["datasets"][n]["count"]) for n in names]
+    unknown, unweighted = sorted(set(text_weights) - set(names)), [n for n in names if n not in text_weights]
+    if unknown:
+        raise ValueError(f"config.data.text_weights names {unknown}, not datasets of {text_dir!r} ({names})")
+    if unweighted:
+        raise ValueError(f"config.data.text_weights gives no weight to {unweighted} of {text_dir!r}: they would "
+                         "never be sampled; weigh every dataset (0 leaves one out)")
+    return [float(text_weights[n]) for n in names]
+
+
 def text_dataset(config: DataConfig, share: tuple[int, int] | None = None) -> grain.IterDataset:
     """This process's text-pair or triplet batches: each batch from one dataset, drawn per step."""
     share = share or process_share()
@@ -436,13 +463,7 @@ def text_dataset(config: DataConfig, share: tuple[int, int] | None = None) -> gr
     if manifest["kind"] not in ("text_pair", "triplet"):
         raise ValueError(f"{config.text_dir!r} holds {manifest['kind']!r} records, not text pairs/triplets")
     names = sorted(manifest["datasets"])
-    if config.text_weights is None:
-        weights = [manifest["datasets"][n]["count"] for n in names]
-    else:
-        unknown = set(config.text_weights) - set(names)
-        if unknown:
-            raise ValueError(f"text_weights names {sorted(unknown)} not in {config.text_dir!r} ({names})")
-        weights = [float(config.text_weights.get(n, 0.0)) for n in names]
+    weights = text_dataset_weights(manifest, config.text_weights, config.text_dir)
     per_dataset = []
     for i, name in enumerate(names):
         ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(manifest["datasets"][name]["paths"]))

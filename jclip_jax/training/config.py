@@ -34,7 +34,7 @@ import ml_collections
 from jclip_jax import sharding
 from jclip_jax.data import batch as batch_schema
 from jclip_jax.data import records
-from jclip_jax.data.pipeline import DataConfig
+from jclip_jax.data.pipeline import DataConfig, text_dataset_weights
 from jclip_jax.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 from jclip_jax.training import losses, optim
 
@@ -275,12 +275,13 @@ def check_inputs(config, tasks) -> None:
     its use needs."""
     from jclip_jax.tokenizer import TextTokenizer
 
+    mixture = {f"data.image_text[{i}]": d for i, (d, _) in enumerate(config.data.get("image_text", ()))}
     named = {"data.image_text_dir": config.data.image_text_dir, "data.text_dir": config.data.text_dir,
              "data.tokenizer_path": config.data.tokenizer_path, "init.checkpoint": config.init.checkpoint,
              "init.eva02": config.init.eva02, "init.jina_bert": config.init.jina_bert,
              "init.jina_embeddings_v3": config.init.get("jina_embeddings_v3"),
              "evals.image_text_dir": config.evals.image_text_dir, "evals.text_pairs_dir": config.evals.text_pairs_dir,
-             **{f"data.image_text[{i}]": d for i, (d, _) in enumerate(config.data.get("image_text", ()))}}
+             **mixture}
     missing = [f"config.{k}={v!r}" for k, v in named.items() if _local_path(v) and not os.path.exists(v)]
     if missing:
         hint = "" if config.get("local_smoke_run") else (
@@ -296,16 +297,16 @@ def check_inputs(config, tasks) -> None:
         raise ValueError(f"tokenizer pad id {tok.pad_id} != config.model.text.pad_token_id="
                          f"{config.model.text.pad_token_id}")
 
-    wanted = {"data.image_text_dir": "image_text", "evals.image_text_dir": "image_text",
-              "evals.text_pairs_dir": "text_pair"}
+    wanted = {"data.image_text_dir": (config.data.image_text_dir, "image_text"),
+              **{key: (d, "image_text") for key, d in mixture.items()},
+              "evals.image_text_dir": (config.evals.image_text_dir, "image_text"),
+              "evals.text_pairs_dir": (config.evals.text_pairs_dir, "text_pair")}
     text_kinds = {batch_schema.TEXT_TASK_RECORDS[t][0] for t in tasks if t in batch_schema.TEXT_TASK_RECORDS}
     if len(text_kinds) > 1:
         raise ValueError(f"config.loss tasks {tasks} need both text pairs and triplets from one config.data.text_dir")
     if text_kinds:
-        wanted["data.text_dir"] = text_kinds.pop()
-    for key, kind in wanted.items():
-        section, name = key.split(".")
-        path = config[section][name]
+        wanted["data.text_dir"] = (config.data.text_dir, text_kinds.pop())
+    for key, (path, kind) in wanted.items():
         if not _local_path(path):
             continue
         try:
@@ -322,6 +323,8 @@ def check_inputs(config, tasks) -> None:
         if not manifest["datasets"] or empty:
             raise ValueError(f"config.{key}={path!r} holds no records" +
                              (f" in dataset(s) {sorted(empty)}" if empty else ""))
+        if key == "data.text_dir":
+            text_dataset_weights(manifest, config.data.text_weights, path)
 
 
 def check_batch_split(config, mesh) -> None:
@@ -379,7 +382,8 @@ def warmup_note(config, run_optim=None) -> str | None:
 # schedule follows total_steps. Everything else under RESUME_REFUSED would make the restored state or the
 # data iterator's position meaningless; other keys are allowed and printed.
 RESUME_REFUSED = ("model.", "data.seed", "data.image_batch_size", "data.text_batch_size", "data.image_text_dir",
-                  "data.text_dir", "data.text_weights", "data.text_buckets", "loss.stage", "loss.tasks")
+                  "data.image_text", "data.text_dir", "data.text_weights", "data.text_buckets", "loss.stage",
+                  "loss.tasks")
 RESUME_MODEL_SAFE = ("model.dtype", "model.remat", "model.remat_policy", "model.attention",
                      "model.text.hidden_dropout_prob", "model.vision.patch_dropout", "model.text.max_length",
                      "model.logit_scale_init_value")

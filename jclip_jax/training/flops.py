@@ -35,14 +35,15 @@ def image_forward_flops(cfg) -> float:
 
 
 def train_step_flops(model_cfg, image_text_batch: int, text_batch: int, text_len: int,
-                     negatives_per_query: int = 0) -> float:
+                     negatives_per_query: int = 0, caption_len: int | None = None) -> float:
     """Model FLOPs of one training step: 3 x forward of every tower call.
 
-    Image-text pairs: one image and one caption each. Text pairs: query and positive (+ negatives).
+    Image-text pairs: one image and one caption of `caption_len` tokens each (default: text_len). Text pairs:
+    query and positive (+ negatives) of `text_len` tokens.
     """
-    caption = text_forward_flops(model_cfg.text, text_len)
+    caption = text_forward_flops(model_cfg.text, text_len if caption_len is None else caption_len)
     forward = image_text_batch * (image_forward_flops(model_cfg.vision) + caption)
-    forward += text_batch * (2 + negatives_per_query) * caption
+    forward += text_batch * (2 + negatives_per_query) * text_forward_flops(model_cfg.text, text_len)
     return 3.0 * forward
 
 

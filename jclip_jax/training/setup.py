@@ -69,7 +69,8 @@ class TrainSetup:
         """Analytic model FLOPs of one step (training/flops.py), for MFU."""
         negatives = batch_schema.NEGATIVES_PER_QUERY if "text_triplet" in self.tasks else 0
         return flops.train_step_flops(self.config.model, self.data.image_batch_size, self.data.text_batch_size,
-                                      self.data.text_max_length, negatives_per_query=negatives)
+                                      self.data.text_max_length, negatives_per_query=negatives,
+                                      caption_len=self.data.image_max_length)
 
     def init_state(self) -> dict:
         """A fresh train state, each array created directly in its sharding (nothing is replicated first)."""
