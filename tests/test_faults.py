@@ -16,6 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from helpers import load_config
@@ -126,6 +127,80 @@ def test_every_checkpoint_damaged_refuses_to_start_over(trained, restore_target,
     with pytest.raises(checkpoints.CheckpointCorrupt, match=r"no checkpoint .* can be restored \(steps \[4, 2\]"):
         checkpoints.restore_latest_good(mngr, abstract, shardings, None, report=lambda line: None)
     assert sorted(mngr.all_steps()) == [2, 4]  # nothing moved
+
+
+class FlakyStorage:
+    """Makes the next `failures` checkpoint reads fail as a storage timeout would (TensorStore's status text),
+    then read for real: a transient error that no real checkpoint damage produces."""
+
+    def __init__(self, monkeypatch, failures: int):
+        self.failures, self.calls = failures, 0
+        real = ocp.CheckpointManager.restore
+
+        def restore(mngr, *args, **kwargs):  # a plain function: bound to each manager like the real one
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise ValueError('DEADLINE_EXCEEDED: Error reading "params/manifest.ocdbt": timed out')
+            return real(mngr, *args, **kwargs)
+
+        monkeypatch.setattr(ocp.CheckpointManager, "restore", restore)
+        monkeypatch.setattr(checkpoints, "READ_RETRY_SECONDS", (0.0, 0.0, 0.0))  # the backoff, without its waits
+
+
+@pytest.mark.parametrize("failures", [2, 4])
+def test_a_read_error_is_retried_and_never_moves_a_checkpoint(trained, restore_target, tmp_path, monkeypatch,
+                                                             failures):
+    """Could not read is not corrupt: 2 failed reads then a good one restore step 4; 4 failed reads (one more
+    than the retries) stop with one line naming the step; nothing is moved either way."""
+    workdir = copy_workdir(trained, tmp_path)
+    abstract, shardings = restore_target
+    mngr = checkpoints.manager(workdir)
+    flaky, lines = FlakyStorage(monkeypatch, failures), []
+    if failures < 1 + len(checkpoints.READ_RETRY_SECONDS):
+        state, step = checkpoints.restore_latest_good(mngr, abstract, shardings, None, report=lines.append)
+        assert step == 4 and int(state["step"]) == 4 and flaky.calls == failures + 1
+    else:
+        with pytest.raises(checkpoints.CheckpointUnreadable, match=r"^checkpoint step 4 in .* could not be read "
+                           r"\(4 attempts: ValueError: DEADLINE_EXCEEDED.*nothing was moved") as e:
+            checkpoints.restore_latest_good(mngr, abstract, shardings, None, report=lines.append)
+        assert "\n" not in str(e.value)
+    assert lines == [] and sorted(mngr.all_steps()) == [2, 4]
+    assert not os.path.exists(os.path.join(workdir, "checkpoints.corrupt"))
+
+
+def test_a_checkpoint_without_its_digest_is_refused_unless_accepted(trained, restore_target, tmp_path,
+                                                                    monkeypatch):
+    workdir = copy_workdir(trained, tmp_path)
+    flip_bytes(largest_params_file(workdir, 4))  # damaged, and its digest deleted: would restore wrong values
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "4", "digest"))
+    abstract, shardings = restore_target
+    mngr = checkpoints.manager(workdir)
+    with pytest.raises(checkpoints.CheckpointUnverified, match=r"checkpoint step 4 in .* has no digest .*"
+                       r"JCLIP_ACCEPT_UNVERIFIED_CHECKPOINTS=1"):
+        checkpoints.restore_latest_good(mngr, abstract, shardings, None, report=lambda line: None)
+    with pytest.raises(checkpoints.CheckpointUnverified):
+        checkpoints.restore_params(workdir, abstract["params"], step=4)  # stage chaining, export, eval
+    assert sorted(mngr.all_steps()) == [2, 4]
+    # an intact checkpoint whose digest is missing (as written before digests) restores once accepted explicitly
+    intact = copy_workdir(trained, tmp_path / "intact")
+    shutil.rmtree(os.path.join(intact, "checkpoints", "4", "digest"))
+    monkeypatch.setenv(checkpoints.ACCEPT_UNVERIFIED_ENV, "1")
+    state, step = checkpoints.restore_latest_good(checkpoints.manager(intact), abstract, shardings, None,
+                                                  report=lambda line: None)
+    good, _ = checkpoints.restore_params(trained, abstract["params"], step=4)
+    assert step == 4
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(good), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_an_unreadable_saved_config_refuses_the_resume(trained, synthetic_dir, tmp_path):
+    workdir = copy_workdir(trained, tmp_path)
+    with open(os.path.join(workdir, "checkpoints", "4", "config", "metadata"), "w") as f:
+        f.write('{"model": {"dtype": "float32", ')  # cut short
+    with pytest.raises(ValueError, match=r"^the config saved with checkpoint step 4 in .* cannot be read: .*"
+                                         r"the resume cannot be checked against it, so it is refused"):
+        train.train(demo_config(synthetic_dir), workdir)
+    assert sorted(checkpoints.manager(workdir).all_steps()) == [2, 4]
 
 
 def test_digest_is_the_bits_hash_not_the_sharding():

@@ -11,6 +11,12 @@ a flipped byte in a params file restores silently as a wrong value. Each save th
 `digest`: a 32-bit hash of every array's bits (computed on device, independent of sharding) and whether it
 is finite. `restore` recomputes it and raises CheckpointCorrupt on a mismatch; `restore_latest_good` then
 falls back to the newest checkpoint that verifies and moves the bad ones to WORKDIR/checkpoints.corrupt/.
+
+Could not read is not corrupt: a read that fails for a reason outside the checkpoint (a storage timeout, a
+permission or network error, anything not recognised as damage) is retried with backoff (READ_RETRY_SECONDS)
+and then stops the run with CheckpointUnreadable, moving nothing. Only a digest mismatch or a structurally
+invalid file (TensorStore's DATA_LOSS, OUT_OF_RANGE, ...; bad JSON or msgpack) is CheckpointCorrupt. A
+checkpoint without a digest is refused (CheckpointUnverified) unless JCLIP_ACCEPT_UNVERIFIED_CHECKPOINTS=1.
 """
 
 from __future__ import annotations
@@ -50,6 +56,69 @@ class CheckpointCorrupt(ValueError):
     """A checkpoint that cannot be read back as it was written; the message names the step and item."""
 
 
+class CheckpointUnreadable(ValueError):
+    """A checkpoint whose reading failed for another reason than its content, after retries; nothing moved."""
+
+
+class CheckpointUnverified(ValueError):
+    """A checkpoint without the digest to verify it (written before digests, or its digest item lost)."""
+
+
+READ_RETRY_SECONDS = (1.0, 2.0, 4.0)  # waits between the attempts to read a checkpoint item
+ACCEPT_UNVERIFIED_ENV = "JCLIP_ACCEPT_UNVERIFIED_CHECKPOINTS"
+# TensorStore / gRPC status codes: a storage that cannot be reached now, or a file that is damaged.
+_TRANSIENT_STATUS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "ABORTED",
+                     "CANCELLED", "UNAUTHENTICATED")
+_DAMAGE_STATUS = ("DATA_LOSS", "OUT_OF_RANGE", "INVALID_ARGUMENT", "FAILED_PRECONDITION", "NOT_FOUND")
+_TRANSIENT_TYPES = (PermissionError, TimeoutError, ConnectionError, InterruptedError, BlockingIOError)
+_DAMAGE_TYPES = (json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError, EOFError)
+
+
+def _causes(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def is_damage(e: BaseException) -> bool:
+    """True when a failed read shows the checkpoint itself is damaged; False for read errors (storage,
+    network, permissions) and for anything not recognised as damage, which must not move a checkpoint."""
+    chain = list(_causes(e))
+    if any(isinstance(x, _TRANSIENT_TYPES) or any(s in str(x) for s in _TRANSIENT_STATUS) for x in chain):
+        return False
+    return any(isinstance(x, _DAMAGE_TYPES) or type(x).__module__.startswith("msgpack")
+               or any(f"{s}:" in str(x) for s in _DAMAGE_STATUS) for x in chain)
+
+
+def read_checkpoint(read, where: str):
+    """read(), retried with backoff while it fails with a read error; CheckpointCorrupt (damage) or
+    CheckpointUnreadable (still failing after the retries) in one line naming `where`."""
+    for attempt, wait in enumerate((*READ_RETRY_SECONDS, None)):
+        try:
+            return read()
+        except Exception as e:
+            if is_damage(e):
+                raise CheckpointCorrupt(f"{where} cannot be read: {one_line(e)}") from e
+            if wait is None:
+                raise CheckpointUnreadable(
+                    f"{where} could not be read ({attempt + 1} attempts: {one_line(e)}); nothing was moved: rerun "
+                    "once the storage reads again, or move that step away to resume from an earlier one") from e
+            logging.getLogger(__name__).warning("%s: read failed (%s); retrying in %.0f s", where, one_line(e), wait)
+            time.sleep(wait)
+
+
+def check_digest(directory, step: int, where: str) -> bool:
+    """Whether `step` has its digest item; without one, CheckpointUnverified unless accepted explicitly."""
+    if _has_item(directory, step, "digest"):
+        return True
+    if os.environ.get(ACCEPT_UNVERIFIED_ENV) == "1":
+        return False
+    raise CheckpointUnverified(f"{where} has no digest to verify it against (written before digests, or its digest "
+                               f"item was lost); to restore it unverified, set {ACCEPT_UNVERIFIED_ENV}=1")
+
+
 def manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
@@ -83,7 +152,8 @@ def save(mngr: ocp.CheckpointManager, step: int, state: dict, data_iterator, con
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict, shardings: dict, data_iterator) -> dict:
     """Restore the full train state (and the data iterator, in place) at `step`, verified against its digest.
 
-    Raises CheckpointCorrupt (one line) when the checkpoint cannot be read or does not match its digest."""
+    Raises CheckpointCorrupt (one line) when the checkpoint is damaged or does not match its digest,
+    CheckpointUnreadable when reading it kept failing for another reason, CheckpointUnverified without a digest."""
     import grain
 
     items = dict(
@@ -95,14 +165,11 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict, shardi
     if data_iterator is not None:
         check_data_state_processes(mngr, step)
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    has_digest = _has_item(mngr.directory, step, "digest")
+    where = f"checkpoint step {step} in {mngr.directory}"
+    has_digest = check_digest(mngr.directory, step, where)
     if has_digest:
         items["digest"] = ocp.args.JsonRestore()
-    try:
-        out = mngr.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:  # TensorStore / msgpack / JSON errors on damaged files
-        raise CheckpointCorrupt(f"checkpoint step {step} in {mngr.directory} cannot be read: {one_line(e)}") from e
-    where = f"checkpoint step {step} in {mngr.directory}"
+    out = read_checkpoint(lambda: mngr.restore(step, args=ocp.args.Composite(**items)), where)
     verify(out["params"], out["digest"]["params"] if has_digest else None, f"{where}, item params")
     verify(out["train"], out["digest"]["train"] if has_digest else None, f"{where}, item train")
     return {"params": out["params"], "opt_state": out["train"]["opt_state"], "step": out["train"]["step"]}
@@ -272,16 +339,20 @@ def restore_params(workdir: str, abstract_params, shardings=None, step: int | No
     target = abstract_with_shardings(abstract_params, shardings)
     with ocp.CheckpointManager(_checkpoint_dir(workdir)) as mngr:
         items = dict(params=ocp.args.StandardRestore(target))
-        has_digest = _has_item(mngr.directory, step, "digest")
+        where = f"checkpoint step {step} in {mngr.directory}"
+        has_digest = check_digest(mngr.directory, step, where)
         if has_digest:
             items["digest"] = ocp.args.JsonRestore()
-        where = f"checkpoint step {step} in {mngr.directory}"
-        try:
-            out = mngr.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:
-            if "shape" in str(e).lower() or "strict" in str(e):  # a model mismatch, not damage
+
+        def read():
+            try:
+                return mngr.restore(step, args=ocp.args.Composite(**items))
+            except Exception as e:
+                if "shape" in str(e).lower() or "strict" in str(e):  # a model mismatch, not damage
+                    raise ValueError(f"{where}: {one_line(e)}") from e
                 raise
-            raise CheckpointCorrupt(f"{where} cannot be read: {one_line(e)}") from e
+
+        out = read_checkpoint(read, where)
         verify(out["params"], out["digest"]["params"] if has_digest else None, f"{where}, item params")
     return out["params"], step
 
@@ -292,15 +363,22 @@ def restore_config(workdir: str) -> ml_collections.ConfigDict:
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')!r}")
     with ocp.CheckpointManager(_checkpoint_dir(workdir)) as mngr:
-        out = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        out = read_checkpoint(lambda: mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())),
+                              f"the config saved with checkpoint step {step} in {mngr.directory}")
     return ml_collections.ConfigDict(out["config"])
 
 
 def saved_config(mngr: ocp.CheckpointManager) -> dict | None:
-    """The config (a JSON dict) of the newest checkpoint whose config item reads; None if none does."""
-    for step in sorted(mngr.all_steps(), reverse=True):
-        try:
-            return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-        except Exception:  # a damaged config item: restore_latest_good reports that checkpoint
-            continue
-    return None
+    """The config (a JSON dict) saved with the newest checkpoint; None without checkpoints. One that cannot be
+    read refuses the resume (ValueError, one line): the run could not be checked against it."""
+    steps = mngr.all_steps()
+    if not steps:
+        return None
+    step = max(steps)
+    where = f"the config saved with checkpoint step {step} in {mngr.directory}"
+    try:
+        return read_checkpoint(
+            lambda: mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"], where)
+    except (CheckpointCorrupt, CheckpointUnreadable) as e:
+        raise ValueError(f"{e}; the resume cannot be checked against it, so it is refused (move that step "
+                         "away to resume from an earlier one)") from e
