@@ -267,6 +267,12 @@ def test_nan_step_is_skipped_and_counted_with_nonfinite_skip(synthetic_dir, tmp_
         np.testing.assert_array_equal(a, b)
     assert any(not np.array_equal(a, b) for a, b in zip(p3, p4, strict=True))
     assert all(np.isfinite(x).all() for x in p4)
+    # the count lives in the checkpoint: a resumed run goes on counting instead of restarting at 0
+    assert checkpoints.restore_counters(checkpoints.manager(str(tmp_path)), 4) == {
+        "skipped_records": 0, "mixture_counts": None, "skipped_updates": 1}
+    resumed = train.train(demo_config(synthetic_dir, checkpoint_every=1, nonfinite="skip", total_steps=6),
+                          str(tmp_path))
+    assert resumed["step"] == 6 and resumed["skipped_updates"] == 1 and resumed["skipped_records"] == 0
 
 
 def test_changed_config_on_resume(trained, synthetic_dir, tmp_path):

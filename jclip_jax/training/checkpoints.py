@@ -134,7 +134,10 @@ def abstract_with_shardings(abstract_tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: dict, data_iterator, config, force: bool = False) -> bool:
+def save(mngr: ocp.CheckpointManager, step: int, state: dict, data_iterator, config, force: bool = False,
+         counters: dict | None = None) -> bool:
+    """Save `state`, the data iterator's position, the config and the run's counters (skipped updates and
+    records, mixture counts: a JSON dict that `restore_counters` returns) at `step`."""
     import grain
 
     train = {"opt_state": state["opt_state"], "step": state["step"]}
@@ -144,6 +147,8 @@ def save(mngr: ocp.CheckpointManager, step: int, state: dict, data_iterator, con
         config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
         digest=ocp.args.JsonSave({"params": tree_digest(state["params"]), "train": tree_digest(train)}),
     )
+    if counters is not None:
+        items["counters"] = ocp.args.JsonSave(counters)
     if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     return mngr.save(step, args=ocp.args.Composite(**items), force=force)
@@ -173,6 +178,15 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict, shardi
     verify(out["params"], out["digest"]["params"] if has_digest else None, f"{where}, item params")
     verify(out["train"], out["digest"]["train"] if has_digest else None, f"{where}, item train")
     return {"params": out["params"], "opt_state": out["train"]["opt_state"], "step": out["train"]["step"]}
+
+
+def restore_counters(mngr: ocp.CheckpointManager, step: int) -> dict:
+    """The counters saved with `step` ({} for a checkpoint written before they were saved)."""
+    if not _has_item(mngr.directory, step, "counters"):
+        return {}
+    where = f"the counters saved with checkpoint step {step} in {mngr.directory}"
+    return read_checkpoint(lambda: mngr.restore(step, args=ocp.args.Composite(counters=ocp.args.JsonRestore())),
+                           where)["counters"]
 
 
 def restore_latest_good(mngr: ocp.CheckpointManager, abstract_state: dict, shardings: dict, data_iterator,

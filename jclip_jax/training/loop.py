@@ -88,8 +88,10 @@ def _train(run: TrainSetup, workdir: str) -> dict:
 
     state = run.init_state()
     restored, start = checkpoints.restore_latest_good(mngr, run.abstract_state, run.shardings, data_iterator)
+    counters = {}
     if restored is not None:
         state, origin = restored, f"checkpoint at step {start} in {workdir}"
+        counters = checkpoints.restore_counters(mngr, start)  # counting goes on where it stopped
     else:
         (state, origin), start = initial_state(run, state), 0
     logging.info("starting at step %d from %s", start, origin)
@@ -103,11 +105,12 @@ def _train(run: TrainSetup, workdir: str) -> dict:
     writer = MetricsWriter(workdir, config.total_steps, start, run.model_flops(), run.pairs_per_step,
                            peak * jax.device_count(), peak_source)
     writer.mixture_names = pipeline.image_text_source_names(run.data)
+    writer.load_counters(counters)
     preemption = distributed.Preemption()
     base_rng = jax.random.key(config.seed)
 
     step = start
-    skipped_updates = 0  # a device scalar: counted without waiting for each step
+    skipped_updates = counters.get("skipped_updates", 0)  # then a device scalar: no wait for each step
     while step < config.total_steps:
         local = next_batch(data_iterator, lambda: preemption.requested)
         if local is None:
@@ -136,7 +139,8 @@ def _train(run: TrainSetup, workdir: str) -> dict:
                 f"{mngr.latest_step()}; lower optim.peak_lr or set --config.nonfinite=skip to skip such updates")
         if save:
             try:
-                checkpoints.save(mngr, step, state, data_iterator, config, force=preempted)
+                counters = dict(writer.counters(), skipped_updates=int(skipped_updates))
+                checkpoints.save(mngr, step, state, data_iterator, config, force=preempted, counters=counters)
             except Exception as e:  # e.g. a full disk when the save starts
                 raise StopTraining(f"saving the checkpoint of step {step} failed ({checkpoints.one_line(e)}); "
                                    f"the newest complete checkpoint is step {mngr.latest_step()}") from e

@@ -44,6 +44,16 @@ class MetricsWriter:
     def count_skipped(self, n: int) -> None:
         self.skipped += n
 
+    def counters(self) -> dict:
+        """What the run has counted so far (saved with each checkpoint, so a resumed run goes on counting)."""
+        mixture = None if self._mixture_counts is None else self._mixture_counts.tolist()
+        return {"skipped_records": int(self.skipped), "mixture_counts": mixture}
+
+    def load_counters(self, counters: dict) -> None:
+        self.skipped = int(counters.get("skipped_records", 0))
+        mixture = counters.get("mixture_counts")
+        self._mixture_counts = None if mixture is None else np.asarray(mixture, np.int64)
+
     def count_mixture(self, counts) -> None:
         """Adds a batch's `source_counts` (None: not a mixture)."""
         if counts is not None:
