@@ -2,6 +2,7 @@
 API (encode_text / encode_image: unsharded, another code path) and independent scorers (trec_eval, scipy,
 argmax by hand); a Matryoshka sweep with its plot; bad input failing in one line."""
 
+import io
 import json
 import os
 
@@ -12,7 +13,7 @@ from PIL import Image
 from scipy.stats import spearmanr
 
 from jclip_jax import JinaCLIP
-from jclip_jax.data import synthetic
+from jclip_jax.data import records, synthetic
 from jclip_jax.evals import cli
 from jclip_jax.models import configs
 from jclip_jax.tokenizer import TextTokenizer
@@ -103,6 +104,35 @@ def test_image_text_karpathy_with_a_sweep_and_plot(setup):
         assert report["results"][label]["text_to_image_r5"] == pytest.approx(np.mean(ranks < 5))
     with Image.open(root / "sweep.png") as png:
         assert png.size[0] > 100
+
+
+def test_image_text_on_a_prepared_directory_skips_and_counts_a_corrupt_record(setup):
+    """A prepared image_text directory with a damaged record among 4 good ones: jclip-eval reads the 4,
+    counts the damaged one in skipped_records, and scores exactly what the same directory without it scores."""
+    from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+    root, _, _ = setup
+    for name in ("clean", "damaged"):  # the same 4 renderings in both
+        rng = np.random.default_rng(1)
+        with records.RecordWriter(root / name, "image_text") as writer:
+            for obj in OBJECTS:
+                png = io.BytesIO()
+                synthetic.render([obj], 48, rng).save(png, "PNG")
+                writer.write({"image": png.getvalue(), "captions": [synthetic.caption([obj])]})
+    (shard,) = records.read_manifest(root / "damaged")["datasets"]["default"]["paths"]
+    reader = ArrayRecordReader(shard)
+    raw = reader.read(0, reader.num_records())
+    reader.close()
+    writer = ArrayRecordWriter(shard, "group_size:1")
+    for data in raw[:2] + [b"\xc1 not msgpack"] + raw[2:]:  # a damaged record in the middle
+        writer.write(data)
+    writer.close()
+    clean = run(root, "--task", "image_text", "--data", str(root / "clean"))["results"]["full"]
+    damaged = run(root, "--task", "image_text", "--data", str(root / "damaged"))["results"]["full"]
+    assert (damaged["images"], damaged["captions"], damaged["skipped_records"]) == (4, 4, 1)
+    assert clean["skipped_records"] == 0
+    assert {k: v for k, v in damaged.items() if k != "skipped_records"} == {
+        k: v for k, v in clean.items() if k != "skipped_records"}
 
 
 def test_zeroshot_classification(setup):

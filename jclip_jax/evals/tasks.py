@@ -98,7 +98,7 @@ def _load_image_text(spec: dict) -> dict:
 
         manifest = records.read_manifest(spec["data"], kind="image_text")
         paths = [p for entry in manifest["datasets"].values() for p in entry["paths"]]
-        items = ((r["image"], r["captions"]) for r in map(records.decode, grain.sources.ArrayRecordDataSource(paths)))
+        items = map(_image_text_record, grain.sources.ArrayRecordDataSource(paths))
     else:  # a Karpathy split file (or COCO captions JSON) + the image folder
         # the reader jclip-prepare --format coco uses: (image file, captions) or Skip
         coco = sources.SourceSpec(format="coco", split=spec.get("split", "test"))
@@ -117,6 +117,15 @@ def _load_image_text(spec: dict) -> dict:
         raise ValueError(f"{spec['data']!r}: no images with captions (split={spec.get('split', 'test')!r}?)")
     return {"images": images, "captions": captions, "owner": np.asarray(owner, np.int64),
             "counts": {"images": len(images), "captions": len(captions), "skipped_records": skipped}}
+
+
+def _image_text_record(data: bytes) -> tuple[bytes, list[str]] | sources.Skip:
+    """(image bytes, captions) of a prepared record, or Skip for a damaged one (counted, not fatal)."""
+    try:
+        record = records.decode(data)
+        return record["image"], list(record["captions"])
+    except (ValueError, KeyError, TypeError) as e:  # msgpack's and the schema's errors are ValueErrors
+        return sources.Skip("corrupt_record", f"{type(e).__name__}: {e}")
 
 
 def _eval_image_text(data, ctx: Context, params, dims):
