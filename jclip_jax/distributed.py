@@ -41,6 +41,27 @@ def _env_int(name: str) -> int | None:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def has_accelerator() -> bool:
+    """Whether this host has a TPU chip or a GPU, by jax's own PCI / device-file probe (the one jax uses to
+    skip CUDA on a host without a GPU; a private module, so if it moves every host counts as accelerated)."""
+    try:
+        from jax._src import hardware_utils
+    except ImportError:
+        return True
+    return (hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0 or hardware_utils.has_visible_nvidia_gpu()
+            or os.path.exists("/dev/kfd"))  # /dev/kfd: AMD GPUs (ROCm)
+
+
+def cpu_only_unless_accelerated() -> None:
+    """On a host with no TPU chip and no GPU, run on the CPU backend without probing for a TPU. Why: with
+    libtpu installed (the tpu and test extras) jax initialises its TPU plugin on every start, and on a CPU host
+    libtpu prints six lines of TPU-detection errors to stderr before failing over to the CPU, burying every
+    one-line message of ours. An explicit JAX_PLATFORMS wins; TPU and GPU hosts are left alone. Call it
+    before anything touches a jax backend (the command-line tools do, first thing)."""
+    if not os.environ.get("JAX_PLATFORMS") and not jax.config.jax_platforms and not has_accelerator():
+        jax.config.update("jax_platforms", "cpu")
+
+
 def is_multi_host() -> bool:
     """Whether the environment describes a run of several processes (explicit, SLURM or TPU pod)."""
     return (bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or (_env_int("SLURM_NTASKS") or 1) > 1

@@ -63,6 +63,21 @@ def test_unknown_key_and_bad_override_are_one_line(tmp_path):
         assert len(lines) == 1 and wanted in lines[0], out.stderr[-2000:]
 
 
+def test_a_bad_config_on_a_cpu_host_is_one_stderr_line_with_libtpu_installed(synthetic_dir, tmp_path):
+    """No JAX_PLATFORMS, libtpu installed (the test extra), no TPU: the error is the only stderr line; without
+    distributed.cpu_only_unless_accelerated libtpu's TPU probe printed 6 lines before it."""
+    import importlib.util
+
+    assert importlib.util.find_spec("libtpu") is not None, "the test extra installs libtpu"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    out = subprocess.run([sys.executable, "-m", "jclip_jax.training.cli", f"--config={DEMO}",
+                          f"--workdir={tmp_path}", f"--config.data.synthetic_dir={synthetic_dir}",
+                          "--config.loss.stage=3", f"--config.data.text_dir={synthetic_dir}/text_pairs"],
+                         capture_output=True, text=True, cwd=REPO, env=env)
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [out.stderr.strip()] and "holds 'text_pair' records" in out.stderr, out.stderr
+
+
 def test_stage3_on_a_text_pairs_directory(synthetic_dir, tmp_path, no_compute):
     config = demo_config(synthetic_dir)
     config.loss.stage = 3

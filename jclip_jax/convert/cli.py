@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from jclip_jax import distributed
+
+    distributed.cpu_only_unless_accelerated()  # no TPU-probe noise on a CPU host
     args = build_parser().parse_args(argv)
     try:
         report = args.run(args)

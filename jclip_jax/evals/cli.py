@@ -159,6 +159,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from jclip_jax import distributed
+
+    distributed.cpu_only_unless_accelerated()  # no TPU-probe noise on a CPU host
     try:
         run(argv)
     except (ValueError, FileNotFoundError) as e:

@@ -81,6 +81,7 @@ def parse_flags(argv, prog: str = "jclip-train"):
 
 def run():
     """Console-script entry point (absl parses --config / --workdir / --config.key=value)."""
+    distributed.cpu_only_unless_accelerated()
     app.run(main, flags_parser=parse_flags)
 
 
