@@ -11,6 +11,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import libtpu  # noqa: E402, F401  (the test extra installs it; without it this module fails rather than skips)
 import pytest
 from helpers import load_config
 from jax.sharding import NamedSharding
@@ -19,8 +20,6 @@ from jax.sharding import PartitionSpec as P
 from jclip_jax import sharding
 from jclip_jax.compile import hlo, program, report, topology
 from jclip_jax.training import flops
-
-pytest.importorskip("libtpu", reason="needs the tpu extra (pip install -e '.[tpu]')")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.py")

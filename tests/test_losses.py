@@ -13,7 +13,14 @@ import torch
 from jclip_jax.training import losses
 from tests.torch_compat import import_open_clip
 
-jax.config.update("jax_default_matmul_precision", "highest")
+
+@pytest.fixture(autouse=True)
+def highest_matmul_precision():
+    """float32 matmuls at full precision for this module's comparisons: set per test, never at import (a
+    global setting at import changed what every other module in the same pytest process computed)."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
 
 
 def unit(rng, *shape):
@@ -92,11 +99,22 @@ def test_infonce_hard_negatives_is_eq_2():
 
 def test_hard_negative_far_away_changes_nothing_but_close_one_raises_loss():
     rng = np.random.default_rng(2)
-    q, p = unit(rng, 4, 8), unit(rng, 4, 8)
-    far = np.broadcast_to(-q[:, None], (4, 7, 8))  # cos = -1 with its own query
-    base = losses.infonce_hard_negatives(q, p, far, 1.0)
-    with_close = losses.infonce_hard_negatives(q, p, np.broadcast_to(q[:, None], (4, 7, 8)), 1.0)
-    assert with_close > base
+    u = np.eye(8, dtype=np.float32)[0]  # every query leans towards u, so the in-batch positives compete
+    q = 2 * u + unit(rng, 4, 8)
+    q /= np.linalg.norm(q, axis=-1, keepdims=True)
+    p = q + 0.3 * unit(rng, 4, 8)
+    p /= np.linalg.norm(p, axis=-1, keepdims=True)
+    far = np.ascontiguousarray(np.broadcast_to(-u, (4, 7, 8)))  # opposite to every query (cos < -0.5)
+    scale = 20.0
+    base, plain = losses.infonce_hard_negatives(q, p, far, scale), losses.infonce(q, p, scale)
+    assert float(plain) > 0.05  # not a saturated loss
+    # The far negatives only add exp(scale * cos) terms to each query row's partition function, whose positive
+    # term alone is exp(scale * cos(q_i, p_i)): the loss rises by at most the mean of their ratio.
+    cos_far = np.einsum("id,jkd->ijk", q, far).reshape(4, -1)
+    bound = np.mean(np.exp(scale * cos_far).sum(1) / np.exp(scale * np.sum(q * p, axis=1)))
+    assert 0 <= float(base) - float(plain) <= bound + 1e-6 and bound < 1e-4 * float(plain)
+    close = np.ascontiguousarray(np.broadcast_to(q[:, None], (4, 7, 8)))  # closer to each query than its positive
+    assert losses.infonce_hard_negatives(q, p, close, scale) > base + 1.0
 
 
 def test_image_text_scale_is_clamped_at_100():

@@ -106,7 +106,7 @@ def test_stage_chaining_and_export(tmp_path, synthetic_dir):
     demo.optim.warmup_steps = 1
     demo.evals.tasks.again = dict(type="image_text", data=os.path.join(synthetic_dir, "eval"))  # config.evals.tasks
     results = train.train(demo, str(tmp_path / "stage1"))
-    assert 0.0 <= results["image_to_text_r1"] <= 1.0 and results["chance_r1"] == pytest.approx(1 / 64)
+    assert results["chance_r1"] == pytest.approx(1 / 64)  # the retrieval figures: jclip-eval's, below
     assert results["again/text_to_image_r1"] == results["text_to_image_r1"]
     # jclip-eval on the workdir reproduces the trainer's final retrieval numbers
     report = eval_cli.run(["--checkpoint", str(tmp_path / "stage1"), "--task", "image_text", "--no-progress",

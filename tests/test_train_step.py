@@ -16,7 +16,14 @@ from jclip_jax.models.clip import JinaCLIP
 from jclip_jax.training import losses, optim
 from jclip_jax.training import step as train_step
 
-jax.config.update("jax_default_matmul_precision", "highest")
+
+@pytest.fixture(autouse=True)
+def highest_matmul_precision():
+    """float32 matmuls at full precision for this module's comparisons: set per test, never at import (a
+    global setting at import changed what every other module in the same pytest process computed)."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
 
 
 def loss_config(**overrides):
