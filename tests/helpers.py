@@ -49,16 +49,9 @@ def random_image(seed: int, size=(40, 30)) -> Image.Image:
 
 def write_xlmr_style_tokenizer(path: str, texts=None, vocab_size: int = 200) -> str:
     """An XLM-R-shaped tokenizer.json (SentencePiece Unigram; <s>=0, <pad>=1, </s>=2, <unk>=3; <s> ... </s>)
-    trained in-process on `texts` (default CORPUS), like jina-embeddings-v3's but tiny."""
-    tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-                                      unk_token="<unk>")
-    tok.train_from_iterator(texts or CORPUS, trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    trained in-process on `texts` (default CORPUS), like jina-embeddings-v3's but tiny (data/synthetic.py's)."""
+    from jclip_jax.data.synthetic import write_xlmr_style_tokenizer as write
+
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tok.save(path)
+    write(path, list(texts or CORPUS), vocab_size)
     return path
