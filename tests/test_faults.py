@@ -284,10 +284,25 @@ def test_changed_config_on_resume(trained, synthetic_dir, tmp_path):
     assert "\n" not in message
     assert "config.data.image_batch_size 16 -> 8" in message and "config.model.vision.width 64 -> 32" in message
     saved = checkpoints.saved_config(checkpoints.manager(workdir))
-    allowed = train_config.resume_changes(saved, train_config.with_synthetic_paths(
-        demo_config(synthetic_dir, total_steps=10, log_every=1, **{"model.remat": True})))
+    current = train_config.with_synthetic_paths(
+        demo_config(synthetic_dir, total_steps=10, log_every=1, **{"model.remat": True}))
+    current.data.tokenizer_sha256 = train_config.tokenizer_sha256(current.data.tokenizer_path)  # as setup does
+    allowed = train_config.resume_changes(saved, current)
     assert [line.split(":")[0] for line in allowed] == ["config.log_every", "config.model.remat",
                                                          "config.total_steps"]
+    # the tokenizer is compared by content: the same file elsewhere is allowed, other content is refused
+    same = str(tmp_path / "same_tokenizer.json")
+    shutil.copy(current.data.tokenizer_path, same)
+    other = str(tmp_path / "other_tokenizer.json")
+    synthetic.write_tokenizer(other, synthetic.vocabulary_texts(), vocab_size=200)
+    for path, refused in ((same, False), (other, True)):
+        changed = demo_config(synthetic_dir, **{"data.tokenizer_path": path})
+        if refused:
+            with pytest.raises(ValueError, match=r"incompatible changes: config.data.tokenizer_sha256 '[0-9a-f]{64}' "
+                                                 r"-> '[0-9a-f]{64}'"):
+                train.train(changed, copy_workdir(trained, tmp_path / "other"))
+        else:
+            assert train.train(changed, copy_workdir(trained, tmp_path / "same"))["step"] == 4
     # the image-text mixture (other directories or weights) moves the data position: refused like a directory
     mixture = train_config.with_synthetic_paths(demo_config(synthetic_dir))
     mixture.data.image_text = ((os.path.join(synthetic_dir, "train"), 1.0),)

@@ -25,6 +25,7 @@ naming the field and its value; jclip-train and jclip-compile print it and exit 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -91,6 +92,7 @@ def base_config(model: ml_collections.ConfigDict, stage: int) -> ml_collections.
     c.data.image_text = ()  # ((dir, weight), ...): a per-example weighted mixture instead of image_text_dir
     c.data.text_dir = ml_collections.FieldReference(None, field_type=str)
     c.data.tokenizer_path = ""
+    c.data.tokenizer_sha256 = ""  # set by jclip-train from the tokenizer file: a resume refuses other content
     c.data.image_batch_size = 32_768
     c.data.text_batch_size = 32_768
     c.data.image_max_length = 77
@@ -327,6 +329,13 @@ def check_inputs(config, tasks) -> None:
             text_dataset_weights(manifest, config.data.text_weights, path)
 
 
+def tokenizer_sha256(path: str) -> str:
+    """The SHA-256 of the tokenizer file (local or gs://): the same path may hold another tokenizer later."""
+    from etils import epath
+
+    return hashlib.sha256(epath.Path(path).read_bytes()).hexdigest()
+
+
 def check_batch_split(config, mesh) -> None:
     """The batch sizes divide over the devices the batch is split over, times micro_batches."""
     axes = sharding.batch_axes(mesh)
@@ -382,8 +391,8 @@ def warmup_note(config, run_optim=None) -> str | None:
 # schedule follows total_steps. Everything else under RESUME_REFUSED would make the restored state or the
 # data iterator's position meaningless; other keys are allowed and printed.
 RESUME_REFUSED = ("model.", "data.seed", "data.image_batch_size", "data.text_batch_size", "data.image_text_dir",
-                  "data.image_text", "data.text_dir", "data.text_weights", "data.text_buckets", "loss.stage",
-                  "loss.tasks")
+                  "data.image_text", "data.text_dir", "data.text_weights", "data.text_buckets",
+                  "data.tokenizer_sha256", "loss.stage", "loss.tasks")
 RESUME_MODEL_SAFE = ("model.dtype", "model.remat", "model.remat_policy", "model.attention",
                      "model.text.hidden_dropout_prob", "model.vision.patch_dropout", "model.text.max_length",
                      "model.logit_scale_init_value")

@@ -97,6 +97,8 @@ def setup(config, workdir: str | None = None, *, devices=None, num_slices: int |
         if config.data.get("synthetic_dir"):
             prepare_synthetic_if_absent(config)
         config_lib.check_inputs(config, checked.tasks)
+        config = config.copy_and_resolve_references()  # saved with each checkpoint: a resume compares it
+        config.data.tokenizer_sha256 = config_lib.tokenizer_sha256(config.data.tokenizer_path)
         if (note := config_lib.warmup_note(config, checked.optim)) and jax.process_index() == 0:
             print(f"jclip-train: {note}", flush=True)
 
