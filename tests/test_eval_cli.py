@@ -106,11 +106,35 @@ def test_image_text_karpathy_with_a_sweep_and_plot(setup):
         assert png.size[0] > 100
 
 
+def insert_damaged_record(directory, at: int = 2) -> None:
+    """Rewrite a prepared directory's one shard with bytes that are no msgpack record at position `at`."""
+    from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+    ((shard,),) = [entry["paths"] for entry in records.read_manifest(directory)["datasets"].values()]
+    reader = ArrayRecordReader(shard)
+    raw = reader.read(0, reader.num_records())
+    reader.close()
+    writer = ArrayRecordWriter(shard, "group_size:1")
+    for data in raw[:at] + [b"\xc1 not msgpack"] + raw[at:]:
+        writer.write(data)
+    writer.close()
+
+
+def test_the_trainers_text_pair_set_skips_and_counts_a_corrupt_record(tmp_path):
+    from jclip_jax.evals import train_eval
+
+    pairs = [(f"query {i}", f"positive {i}") for i in range(4)]
+    with records.RecordWriter(tmp_path / "pairs", "text_pair") as writer:
+        for q, p in pairs:
+            writer.write({"query": q, "positive": p, "dataset": "pairs"})
+    insert_damaged_record(tmp_path / "pairs")
+    queries, positives, skipped = train_eval.read_text_pairs(str(tmp_path / "pairs"))
+    assert list(zip(queries, positives, strict=True)) == pairs and skipped == 1
+
+
 def test_image_text_on_a_prepared_directory_skips_and_counts_a_corrupt_record(setup):
     """A prepared image_text directory with a damaged record among 4 good ones: jclip-eval reads the 4,
     counts the damaged one in skipped_records, and scores exactly what the same directory without it scores."""
-    from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
-
     root, _, _ = setup
     for name in ("clean", "damaged"):  # the same 4 renderings in both
         rng = np.random.default_rng(1)
@@ -119,14 +143,7 @@ def test_image_text_on_a_prepared_directory_skips_and_counts_a_corrupt_record(se
                 png = io.BytesIO()
                 synthetic.render([obj], 48, rng).save(png, "PNG")
                 writer.write({"image": png.getvalue(), "captions": [synthetic.caption([obj])]})
-    (shard,) = records.read_manifest(root / "damaged")["datasets"]["default"]["paths"]
-    reader = ArrayRecordReader(shard)
-    raw = reader.read(0, reader.num_records())
-    reader.close()
-    writer = ArrayRecordWriter(shard, "group_size:1")
-    for data in raw[:2] + [b"\xc1 not msgpack"] + raw[2:]:  # a damaged record in the middle
-        writer.write(data)
-    writer.close()
+    insert_damaged_record(root / "damaged")
     clean = run(root, "--task", "image_text", "--data", str(root / "clean"))["results"]["full"]
     damaged = run(root, "--task", "image_text", "--data", str(root / "damaged"))["results"]["full"]
     assert (damaged["images"], damaged["captions"], damaged["skipped_records"]) == (4, 4, 1)

@@ -2,7 +2,8 @@
 
     config.evals.image_text_dir   a prepared image-text set: image<->text R@1/5/10 (keys as before:
                                   image_to_text_r1, ..., chance_r1, eval_decode_failures)
-    config.evals.text_pairs_dir   prepared text pairs: text->text R@k (text_to_text_r1, ...)
+    config.evals.text_pairs_dir   prepared text pairs: text->text R@k (text_to_text_r1, ...,
+                                  eval_text_pairs_skipped_records: damaged records skipped)
     config.evals.tasks            {name: task spec} of any jclip-eval task type (evals/tasks.py), reported
                                   as "<name>/<metric>", e.g. tasks.coco = dict(type="image_text",
                                   data="dataset_coco.json", images="coco/", split="val")
@@ -20,13 +21,23 @@ from jclip_jax.inference import normalize_rows
 from jclip_jax.tokenizer import TextTokenizer
 
 
-def _read_text_pairs(directory: str) -> tuple[list[str], list[str]]:
+def read_text_pairs(directory: str) -> tuple[list[str], list[str], int]:
+    """(queries, positives, damaged records skipped) of a prepared text_pair directory."""
     import grain
 
     manifest = records.read_manifest(directory, kind="text_pair")
     paths = [p for entry in manifest["datasets"].values() for p in entry["paths"]]
-    rows = [records.decode(r) for r in grain.sources.ArrayRecordDataSource(paths)]
-    return [r["query"] for r in rows], [r["positive"] for r in rows]
+    queries, positives, skipped = [], [], 0
+    for data in grain.sources.ArrayRecordDataSource(paths):
+        try:
+            row = records.decode(data)
+            query, positive = str(row["query"]), str(row["positive"])
+        except (ValueError, KeyError, TypeError):  # msgpack's and the schema's errors are ValueErrors
+            skipped += 1
+            continue
+        queries.append(query)
+        positives.append(positive)
+    return queries, positives, skipped
 
 
 def task_specs(config) -> dict[str, dict]:
@@ -54,7 +65,7 @@ class Evaluator:
         specs = task_specs(config) if eval_tasks is None else eval_tasks
         for name, spec in specs.items():
             self.sets[name] = tasks.load(spec, where=f"config.evals.tasks.{name}")
-        self.text_pairs = _read_text_pairs(config.evals.text_pairs_dir) if config.evals.text_pairs_dir else None
+        self.text_pairs = read_text_pairs(config.evals.text_pairs_dir) if config.evals.text_pairs_dir else None
 
     def __call__(self, params) -> dict[str, float]:
         results = {}
@@ -68,7 +79,9 @@ class Evaluator:
                 results["eval_decode_failures"] = int(out["decode_failures"] + out["skipped_records"])
         if self.text_pairs is not None:
             ctx = self.text_ctx
-            q = self.embedder.texts(params, ctx.tokenizer, self.text_pairs[0], ctx.max_length)
-            p = self.embedder.texts(params, ctx.tokenizer, self.text_pairs[1], ctx.max_length)
+            queries, positives, skipped = self.text_pairs
+            q = self.embedder.texts(params, ctx.tokenizer, queries, ctx.max_length)
+            p = self.embedder.texts(params, ctx.tokenizer, positives, ctx.max_length)
             results.update(metrics.text_pair_retrieval(normalize_rows(q), normalize_rows(p)))
+            results["eval_text_pairs_skipped_records"] = skipped
         return results
