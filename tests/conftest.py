@@ -4,6 +4,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
@@ -36,3 +38,13 @@ LONGEST_FIRST = ("tests/test_multihost.py",)
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: not item.nodeid.startswith(LONGEST_FIRST))
+
+
+@pytest.fixture(scope="module")
+def small_synthetic_dir(tmp_path_factory):
+    """A small copy of the embedded synthetic dataset (32 px), written once per test module."""
+    from jclip_jax.data import synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    synthetic.write_synthetic(root, num_train=32, num_eval=16, num_text_pairs=32, num_triplets=16, image_size=32)
+    return str(root)

@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 from jclip_jax import JinaCLIP
 from jclip_jax.convert import cli
-from jclip_jax.data import records, synthetic
+from jclip_jax.data import records
 from jclip_jax.models import configs
 from jclip_jax.training import config as train_config
 from jclip_jax.training import loop as train
@@ -28,10 +28,8 @@ V1 = os.path.join(REPO, "configs", "jina_clip_v1.py")
 
 
 @pytest.fixture(scope="module")
-def synthetic_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    synthetic.write_synthetic(root, num_train=32, num_eval=16, num_text_pairs=32, num_triplets=16, image_size=32)
-    return str(root)
+def synthetic_dir(small_synthetic_dir):
+    return small_synthetic_dir
 
 
 def demo_config(synthetic_dir):
@@ -76,6 +74,11 @@ def test_a_bad_config_on_a_cpu_host_is_one_stderr_line_with_libtpu_installed(syn
                          capture_output=True, text=True, cwd=REPO, env=env)
     assert out.returncode == 2
     assert out.stderr.splitlines() == [out.stderr.strip()] and "holds 'text_pair' records" in out.stderr, out.stderr
+    # jclip-compile: the config is validated before libtpu is loaded for the topology
+    out = subprocess.run([sys.executable, "-m", "jclip_jax.compile.cli", f"--config={DEMO}", "--topology=v5e:2x2",
+                          "--config.total_steps=-5"], capture_output=True, text=True, cwd=REPO, env=env)
+    assert out.returncode == 2 and out.stderr.splitlines() == [out.stderr.strip()], out.stderr
+    assert "config.total_steps=-5 must be a positive integer" in out.stderr
 
 
 def test_stage3_on_a_text_pairs_directory(synthetic_dir, tmp_path, no_compute):

@@ -7,15 +7,7 @@ import pytest
 from helpers import load_config
 
 from jclip_jax.compile import program
-from jclip_jax.data import synthetic
 from jclip_jax.training import loop
-
-
-@pytest.fixture(scope="module")
-def synthetic_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    synthetic.write_synthetic(root, num_train=32, num_eval=16, num_text_pairs=32, num_triplets=16, image_size=32)
-    return str(root)
 
 
 class FirstStep(Exception):
@@ -42,9 +34,9 @@ def trainers_step_program(config, workdir, monkeypatch) -> str:
 
 
 @pytest.mark.parametrize("stage", [1, 3])  # text pairs; hard-negative triplets (the (B, 7, L) negatives)
-def test_jclip_compile_lowers_the_program_jclip_train_runs(synthetic_dir, tmp_path, monkeypatch, stage):
+def test_jclip_compile_lowers_the_program_jclip_train_runs(small_synthetic_dir, tmp_path, monkeypatch, stage):
     config = load_config("demo")
-    config.data.synthetic_dir = synthetic_dir
+    config.data.synthetic_dir = small_synthetic_dir
     config.loss.stage = stage
     config.data.image_batch_size = config.data.text_batch_size = 16
     config.data.image_max_length = config.data.text_max_length = 16

@@ -31,7 +31,7 @@ def compile_and_report(config, topology_name: str, num_slices: int = 1, hlo_path
     """Compile config's step for the topology; the report dict (report.build_report)."""
     from jclip_jax.compile import program, report, topology
 
-    devices = topology.topology_devices(topology_name, num_slices)
+    devices = lambda: topology.topology_devices(topology_name, num_slices)  # after the config's validation
     step = program.compile_train_step(config, devices, num_slices)
     if hlo_path and step.compiled is not None:
         with open(hlo_path, "w") as f:
@@ -64,7 +64,12 @@ def main(argv):
 
 def run():
     """Console-script entry point."""
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs nothing; TPU devices are compile-only
+    # The host runs nothing (TPU devices are compile-only): the CPU backend, without probing for a TPU. jax is
+    # already imported here, so its config, not the JAX_PLATFORMS variable, is what takes effect.
+    if not os.environ.get("JAX_PLATFORMS"):
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
     app.run(main, flags_parser=lambda argv: train_cli.parse_flags(argv, prog="jclip-compile"))
 
 

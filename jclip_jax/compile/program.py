@@ -28,7 +28,8 @@ class CompiledStep:
 
 
 def compile_train_step(config, devices, num_slices: int = 1, *, compile: bool = True) -> CompiledStep:
-    """Lower and compile the step `jclip-train` would run for `config` on `devices` (abstract or real).
+    """Lower and compile the step `jclip-train` would run for `config` on `devices` (abstract or real, or a
+    function returning them: called once the config has been validated).
 
     The config is validated first (a bad field fails before any tracing).
     """

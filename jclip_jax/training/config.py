@@ -18,7 +18,7 @@ naming the field and its value; jclip-train and jclip-compile print it and exit 
     validate(config)                 the fields on their own -> Checked (tasks, run optimizer, data config)
     check_inputs(config, tasks)      jclip-train only: paths exist, tokenizer fits, prepared directories hold
                                      the record kinds the tasks need
-    check_batch_split(config, mesh)  the batch sizes divide over the mesh's batch axes and micro_batches
+    check_batch_split(config, mesh, data)  the batch sizes divide over the mesh's batch axes and micro_batches
     resume_changes(saved, config)    jclip-train, resuming: what may change since the checkpoint was written
 """
 
@@ -336,14 +336,15 @@ def tokenizer_sha256(path: str) -> str:
     return hashlib.sha256(epath.Path(path).read_bytes()).hexdigest()
 
 
-def check_batch_split(config, mesh) -> None:
-    """The batch sizes divide over the devices the batch is split over, times micro_batches."""
+def check_batch_split(config, mesh, data: DataConfig) -> None:
+    """The batch sizes the pipeline reads (`data`, validate's) divide over the devices the batch is split
+    over, times micro_batches."""
     axes = sharding.batch_axes(mesh)
     devices = math.prod(mesh.shape[a] for a in axes)
     split = devices * config.micro_batches
-    sizes = {"data.image_batch_size": config.data.image_batch_size}
-    if config.data.text_dir:
-        sizes["data.text_batch_size"] = config.data.text_batch_size
+    sizes = {"data.image_batch_size": data.image_batch_size}
+    if data.text_dir:
+        sizes["data.text_batch_size"] = data.text_batch_size
     for key, size in sizes.items():
         if size % split:
             over = " x ".join(f"{a}={mesh.shape[a]}" for a in axes) or "1"

@@ -86,7 +86,9 @@ def setup(config, workdir: str | None = None, *, devices=None, num_slices: int |
 
     workdir given (jclip-train): initialises the distributed runtime, writes the demo's synthetic data if
     absent and checks every input the run will read, before any compute. devices: the mesh's devices
-    (default: all of jax's), e.g. a TPU topology's abstract devices; num_slices: how many slices they span.
+    (default: all of jax's), e.g. a TPU topology's abstract devices, or a function returning them (called
+    after validation: loading libtpu for a topology is not where a bad config should be reported);
+    num_slices: how many slices they span.
     """
     if config.get("local_smoke_run"):  # the first line of a runlocal run (training/config.runlocal)
         print(config.local_smoke_run, flush=True)
@@ -102,8 +104,8 @@ def setup(config, workdir: str | None = None, *, devices=None, num_slices: int |
         if (note := config_lib.warmup_note(config, checked.optim)) and jax.process_index() == 0:
             print(f"jclip-train: {note}", flush=True)
 
-    mesh = sharding.make_mesh(config.mesh, devices, num_slices)
-    config_lib.check_batch_split(config, mesh)
+    mesh = sharding.make_mesh(config.mesh, devices() if callable(devices) else devices, num_slices)
+    config_lib.check_batch_split(config, mesh, checked.data)
     tx, schedule = optim.make_optimizer(checked.optim), optim.learning_rate_schedule(checked.optim)
     graphdef, init, abstract_state, shardings = train_step.abstract_train_state(
         lambda: JinaCLIP(config.model, rngs=nnx.Rngs(config.seed)), tx, mesh)
